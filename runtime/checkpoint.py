@@ -1,0 +1,142 @@
+"""Checkpoint reading and strict loading.
+
+Formats: a single `.safetensors` file, a sharded safetensors set with its `*.safetensors.index.json`
+(Hugging Face layout), a directory holding either, or a pickled `.pth`/`.pt` read with
+`weights_only=True` only (never a full unpickle). Loading is strict: one error lists every missing,
+unexpected and mis-shaped key, because a silent fallback to a wrong config is the worst failure.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the model it is loaded into."""
+
+
+def _index_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.safetensors.index.json"))
+
+
+def _read_sharded(index_path: Path, device: str) -> dict[str, torch.Tensor]:
+    index = json.loads(index_path.read_text())
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: no 'weight_map' in the index")
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = index_path.parent / shard
+        if not shard_path.is_file():
+            raise CheckpointError(f"{index_path}: shard {shard} is missing")
+        part = load_file(str(shard_path), device=device)
+        stray = [k for k in part if weight_map.get(k) != shard]
+        if stray:
+            raise CheckpointError(f"{shard_path}: keys not listed for this shard in the index: {stray[:5]}")
+        state.update(part)
+    absent = sorted(set(weight_map) - set(state))
+    if absent:
+        raise CheckpointError(f"{index_path}: keys listed in the index but in no shard: {absent[:10]}")
+    return state
+
+
+def _read_pickle(path: Path, device: str) -> dict[str, torch.Tensor]:
+    obj = torch.load(str(path), map_location=device, weights_only=True)
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a flat dict of tensors")
+    return obj
+
+
+def read_state_dict(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Read every tensor of a checkpoint file, shard set or directory (see module docstring)."""
+    path = Path(path)
+    if path.is_dir():
+        indexes = _index_files(path)
+        if len(indexes) > 1:
+            raise CheckpointError(f"{path}: several index files {[p.name for p in indexes]}; name one")
+        if indexes:
+            return _read_sharded(indexes[0], device)
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise CheckpointError(f"{path}: expected one .safetensors file or an index json, found "
+                                  f"{[p.name for p in files]}")
+        return load_file(str(files[0]), device=device)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.name.endswith(".index.json"):
+        return _read_sharded(path, device)
+    if path.suffix == ".safetensors":
+        return load_file(str(path), device=device)
+    if path.suffix in PICKLE_SUFFIXES:
+        return _read_pickle(path, device)
+    raise CheckpointError(f"{path}: unknown checkpoint format (want .safetensors, an index json or .pth)")
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Remove `prefix` from every key that has it (e.g. 'model.' or 'base_model.model.')."""
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def check_keys(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str = "model") -> None:
+    """Raise CheckpointError naming every missing, unexpected and mis-shaped key."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                       for k in set(expected) & set(state) if state[k].shape != expected[k].shape)
+    if missing or unexpected or misshaped:
+        lines = [f"{what} checkpoint does not match the configuration "
+                 f"({len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped keys):"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if keys:
+                shown = keys[:20] + ([f"... and {len(keys) - 20} more"] if len(keys) > 20 else [])
+                lines.append(f"  {title}: " + ", ".join(shown))
+        raise CheckpointError("\n".join(lines))
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], *, what: str = "model",
+              dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> torch.nn.Module:
+    """Strictly load `state` into `module` (which may live on the meta device), casting floats to dtype."""
+    check_keys(module, state, what)
+    cast = {}
+    for k, v in state.items():
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        cast[k] = v.to(device) if device is not None else v
+    module.load_state_dict(cast, strict=True, assign=True)
+    return module
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: str | Path, shard_bytes: int | None = None) -> None:
+    """Write safetensors; with shard_bytes, a Hugging Face style shard set plus index json."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    if shard_bytes is None:
+        save_file(tensors, str(path))
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    stem = path.name.removesuffix(".safetensors")
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path.parent / name))
+        weight_map.update({k: name for k in shard})
+    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in tensors.values())},
+             "weight_map": weight_map}
+    (path.parent / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=1))

@@ -1,0 +1,50 @@
+"""The distilled few-step flow-matching sampler for one block, with the t=0 KV refresh.
+
+Per step i: v = model(x_t, t_i); x0 = x_t - sigma_i * v; x_t' = (1 - sigma_{i+1}) x0 + sigma_{i+1} noise.
+After the last step one more forward on the clean x0 at t = 0 writes the block's clean K/V into the
+ring (its output is discarded). In block 0 the reference latent replaces latent frame 0 of the
+model input at every step and of x0 before the refresh.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .models.dit import BlockPlan, CausalAudioDiT, TimeMod
+from .models.ops import Ops
+
+
+@dataclass
+class BlockInputs:
+    noise: torch.Tensor              # [steps, B, C, F, h, w] fp32: noise[0] starts the block, noise[i] re-noises step i
+    cond: torch.Tensor               # [B, C + 1, F, h, w] model dtype: reference latent repeated | mask
+    audio: torch.Tensor              # [B, F, A, dim] from CausalAudioDiT.audio_cond
+    ref_latent: torch.Tensor | None  # [B, C, 1, h, w] fp32 in block 0, else None
+
+
+def pin_reference(x: torch.Tensor, ref_latent: torch.Tensor | None) -> torch.Tensor:
+    if ref_latent is None:
+        return x
+    return torch.cat([ref_latent, x[:, :, 1:]], dim=2)
+
+
+def sample_block(dit: CausalAudioDiT, ops: type[Ops], inputs: BlockInputs, mods: list[TimeMod],
+                 sigmas: tuple[float, ...], text_kv, ring_k: torch.Tensor, ring_v: torch.Tensor,
+                 plan: BlockPlan) -> torch.Tensor:
+    """Denoise one block; `mods` holds one TimeMod per step plus the refresh's. Returns x0 (fp32)."""
+    dtype = inputs.cond.dtype
+
+    def forward(x: torch.Tensor, mod: TimeMod) -> torch.Tensor:
+        inp = torch.cat([x.to(dtype), inputs.cond], dim=1)
+        return dit.forward_block(inp, mod, inputs.audio, text_kv, ring_k, ring_v, plan, ops).float()
+
+    x = inputs.noise[0]
+    for i, sigma in enumerate(sigmas):
+        x = pin_reference(x, inputs.ref_latent)
+        x0 = x - sigma * forward(x, mods[i])
+        if i + 1 < len(sigmas):
+            x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * inputs.noise[i + 1]
+    x0 = pin_reference(x0, inputs.ref_latent)
+    forward(x0, mods[len(sigmas)])
+    return x0
