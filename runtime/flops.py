@@ -130,17 +130,17 @@ def _dit_forward(cfg: EngineConfig, kv_frames: int) -> dict[str, float]:
     time_per_frame = dit.freq_dim * d + d * d + d * 6 * d
     audio_per_frame = (dit.audio_pack * dit.audio_feature_dim * dit.audio_hidden
                        + len(dit.audio_layers) * dit.audio_hidden * d)
-    return dict(
-        q_tokens=lq,
-        kv_tokens=lk,
-        linears=2.0 * per_token_layer * layers * lq,
-        patch_embed=2.0 * dit.in_dim * patch * d * lq,
-        head=2.0 * d * dit.out_dim * patch * lq,
-        time_embed=2.0 * time_per_frame * frames,
-        audio_proj=2.0 * audio_per_frame * frames,
-        self_attn=4.0 * lq * lk * d * layers,
-        cross_attn=4.0 * lq * dit.text_len * d * layers,
-    )
+    return {
+        "q_tokens": lq,
+        "kv_tokens": lk,
+        "linears": 2.0 * per_token_layer * layers * lq,
+        "patch_embed": 2.0 * dit.in_dim * patch * d * lq,
+        "head": 2.0 * d * dit.out_dim * patch * lq,
+        "time_embed": 2.0 * time_per_frame * frames,
+        "audio_proj": 2.0 * audio_per_frame * frames,
+        "self_attn": 4.0 * lq * lk * d * layers,
+        "cross_attn": 4.0 * lq * dit.text_len * d * layers,
+    }
 
 
 # ---- Wan2.1 VAE decoder ---------------------------------------------------------------------------

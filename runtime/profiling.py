@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any
 
 import torch
 
@@ -29,7 +31,7 @@ NVTX_DOMAIN = "avatar"
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 
-_NULL: ContextManager[None] = contextlib.nullcontext()  # stateless, so one instance serves every call
+_NULL: AbstractContextManager[None] = contextlib.nullcontext()  # stateless, so one instance serves every call
 
 
 def _env_flag(name: str) -> bool:
@@ -44,7 +46,7 @@ def _env_flag(name: str) -> bool:
 # ---- NVTX -----------------------------------------------------------------------------------------
 
 class _NvtxRange:
-    __slots__ = ("_nvtx", "_name")
+    __slots__ = ("_name", "_nvtx")
 
     def __init__(self, nvtx_module, name: str):
         self._nvtx, self._name = nvtx_module, name
@@ -57,14 +59,14 @@ class _NvtxRange:
         return False
 
 
-def _noop_range(name: str, index: int | None = None) -> ContextManager[None]:
+def _noop_range(name: str, index: int | None = None) -> AbstractContextManager[None]:
     return _NULL
 
 
-def _make_live_range(has_cuda: bool) -> Callable[..., ContextManager[None]]:
+def _make_live_range(has_cuda: bool) -> Callable[..., AbstractContextManager[None]]:
     import nvtx  # only imported when ranges are on
 
-    def live_range(name: str, index: int | None = None) -> ContextManager[None]:
+    def live_range(name: str, index: int | None = None) -> AbstractContextManager[None]:
         if torch.compiler.is_compiling():
             return _NULL
         # Only ask about capture where CUDA exists: CPU builds raise on the query itself.
@@ -75,7 +77,7 @@ def _make_live_range(has_cuda: bool) -> Callable[..., ContextManager[None]]:
     return live_range
 
 
-_range_impl: Callable[..., ContextManager[None]] = _noop_range
+_range_impl: Callable[..., AbstractContextManager[None]] = _noop_range
 
 
 def refresh() -> bool:
@@ -90,7 +92,7 @@ def nvtx_enabled() -> bool:
     return _range_impl is not _noop_range
 
 
-def nvtx_range(name: str, index: int | None = None) -> ContextManager[None]:
+def nvtx_range(name: str, index: int | None = None) -> AbstractContextManager[None]:
     """`with nvtx_range("dit.step", 2):` -> range "dit.step 2" when AVATAR_NVTX=1, else nothing."""
     return _range_impl(name, index)
 

@@ -12,8 +12,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from runtime.config import EngineConfig, VAEConfig
-from runtime.flops import (BlockFlops, achieved, block_flops, floor_ms, taehv_decoder_layers,
-                           wan_decoder_layers)
+from runtime.flops import (
+    BlockFlops,
+    achieved,
+    block_flops,
+    floor_ms,
+    taehv_decoder_layers,
+    wan_decoder_layers,
+)
 
 T = 1e12
 D, LAYERS, FFN, TEXT = 1536, 30, 8960, 512
