@@ -120,6 +120,22 @@ class AudioConfig:
         """Per video frame: last_hidden_state + all (num_layers + 1) hidden states."""
         return (self.num_layers + 2) * self.hidden_size
 
+    def window_frames(self, fps: int) -> tuple[int, int]:
+        """(left context, lookahead) in whole video frames at `fps`.
+
+        The streaming window is built from whole video frames so that every window has the same
+        length (static shapes) and frame boundaries fall on sample boundaries; fractional values
+        are rejected rather than rounded.
+        """
+        _require(fps > 0, f"fps must be positive, got {fps}")
+        frames = []
+        for name, seconds in (("left_context_s", self.left_context_s), ("lookahead_s", self.lookahead_s)):
+            exact = seconds * fps
+            _require(abs(exact - round(exact)) < 1e-6,
+                     f"{name} * fps must be a whole number of video frames ({seconds} * {fps} = {exact})")
+            frames.append(round(exact))
+        return frames[0], frames[1]
+
 
 @dataclass(frozen=True)
 class CacheConfig:
