@@ -171,3 +171,22 @@ def test_choice_made_at_import():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "True"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_nvtx_silent_in_a_real_cuda_graph_capture(monkeypatch, spy):
+    set_nvtx(monkeypatch, "1")
+    x = torch.ones(8, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
+        y = x * 2
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), profiling.nvtx_range("captured"):
+        y = x * 2
+    assert spy.calls == []
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, x * 2)
