@@ -135,7 +135,7 @@ class AudioStream:
         start, stop = self.window_bounds(v0, v1)
         wave = torch.from_numpy(self._read(start, stop)).to(self.encoder.device).unsqueeze(0)
         frames = self.left_frames + span + self.ahead_frames
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: callers may update the result in place
             out = self.encoder(wave, frames, pad_before=max(0, -start))
         out = out[:, self.left_frames:self.left_frames + span].to(self.device, self.dtype)
         spf = self.samples_per_frame
