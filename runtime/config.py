@@ -200,6 +200,7 @@ class EngineConfig:
                  f"height and width must be multiples of {step} (VAE x patch), got {self.height}x{self.width}")
         _require(self.audio.sample_rate % self.fps == 0,
                  f"sample_rate / fps must be an integer ({self.audio.sample_rate} / {self.fps}), or A/V drift")
+        self.audio.window_frames(self.fps)  # the audio window must be whole video frames at this fps
         _require(self.dit.audio_feature_dim == self.audio.feature_dim,
                  f"DiT expects audio features of {self.dit.audio_feature_dim}, the encoder gives "
                  f"{self.audio.feature_dim}")
