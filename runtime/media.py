@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 # ---- images -------------------------------------------------------------------------------------
 
 def load_image(image) -> np.ndarray:
@@ -200,7 +199,7 @@ def synth_speech_like(seconds: float, sample_rate: int = 16000, seed: int = 0) -
         raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate < 1000:
         raise ValueError(f"sample_rate must be an integer >= 1000, got {sample_rate!r}")
-    n = int(round(seconds * sample_rate))
+    n = round(seconds * sample_rate)
     if n == 0:
         return np.zeros(0, np.float32)
     rng = np.random.default_rng(seed)
@@ -390,7 +389,7 @@ class Mp4Writer:
         finally:
             self._container.close()
 
-    def __enter__(self) -> "Mp4Writer":
+    def __enter__(self) -> Mp4Writer:
         return self
 
     def __exit__(self, *exc) -> None:

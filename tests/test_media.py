@@ -9,9 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.media import (Mp4Writer, load_image, read_wav, resize_cover_center_crop, synth_speech_like,
-                           synthetic_face, write_wav)
-
+from runtime.media import (
+    Mp4Writer,
+    load_image,
+    read_wav,
+    resize_cover_center_crop,
+    synth_speech_like,
+    synthetic_face,
+    write_wav,
+)
 
 # ---- load_image ---------------------------------------------------------------------------------
 
@@ -310,9 +316,17 @@ def test_mp4_writer_bad_input(tmp_path):
 
 def test_mp4_writer_finalises_on_exception(tmp_path):
     path = tmp_path / "partial.mp4"
-    with pytest.raises(KeyError):
-        with Mp4Writer(path, 32, 32, 16) as writer:
-            writer.write_block(np.zeros((5, 32, 32, 3), np.uint8), np.zeros(5000, np.float32))
-            raise KeyError("caller failed mid-stream")
+    with pytest.raises(KeyError), Mp4Writer(path, 32, 32, 16) as writer:
+        writer.write_block(np.zeros((5, 32, 32, 3), np.uint8), np.zeros(5000, np.float32))
+        raise KeyError("caller failed mid-stream")
     with av.open(str(path)) as c:
         assert len(list(c.decode(video=0))) == 5
+
+
+def test_make_speech_script(tmp_path):
+    import runpy
+    script = runpy.run_path(str(__import__("pathlib").Path(__file__).parents[1] / "scripts" / "make_speech.py"))
+    script["main"]([str(tmp_path / "s.wav"), "--seconds", "0.5", "--sample-rate", "24000", "--seed", "2"])
+    samples, sr = read_wav(tmp_path / "s.wav")
+    assert sr == 24000
+    assert np.abs(samples - synth_speech_like(0.5, 24000, seed=2)).max() <= 0.5 / 32768 + 1e-9

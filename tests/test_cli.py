@@ -1,0 +1,228 @@
+"""The `avatar` CLI: help, the timing report, the demo's streaming loop (against a scripted engine that
+follows the Engine contract) and, once the real engine imports, a short end-to-end demo."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import av
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from runtime import cli
+from runtime.config import EngineConfig
+from runtime.media import write_wav
+
+runner = CliRunner()
+
+
+def test_help():
+    result = runner.invoke(cli.app, ["--help"])
+    assert result.exit_code == 0, result.output
+    assert "demo" in result.output
+
+
+def test_demo_help_lists_options():
+    result = runner.invoke(cli.app, ["demo", "--help"])
+    assert result.exit_code == 0, result.output
+    for option in ("--out", "--seconds", "--audio", "--image", "--preset", "--checkpoint", "--device",
+                   "--seed", "--chunk-ms"):
+        assert option in result.output
+
+
+# ---- report formatting --------------------------------------------------------------------------
+
+def _report() -> cli.StreamReport:
+    return cli.StreamReport(
+        blocks=[cli.BlockRecord(0, 9, {"audio": 0.010, "denoise": 0.100, "decode": 0.020, "total": 0.130}),
+                cli.BlockRecord(1, 12, {"audio": 0.004, "denoise": 0.090, "decode": 0.030, "total": 0.124}),
+                cli.BlockRecord(2, 12, {"denoise": 0.080, "total": 0.200, "extra": 0.001})],
+        first_block_latency_s=0.25, wall_s=2.0, audio_s=2.0)
+
+
+def test_block_table():
+    lines = cli.format_block_table(_report()).splitlines()
+    assert lines[0].split() == ["block", "frames", "audio", "ms", "denoise", "ms", "decode", "ms",
+                                "extra", "ms", "total", "ms"]
+    assert lines[2].split() == ["0", "9", "10.0", "100.0", "20.0", "-", "130.0"]
+    assert lines[4].split() == ["2", "12", "-", "80.0", "-", "1.0", "200.0"]
+    assert len({len(line) for line in lines}) == 1  # aligned columns
+
+
+def test_summary():
+    text = cli.format_summary(_report(), fps=16)
+    assert "frames: 33" in text
+    assert "first-block latency: 250.0 ms" in text
+    assert "median block time: 130.0 ms" in text
+    assert "16.50 FPS" in text and "1.03x real time" in text
+
+
+# ---- demo against a scripted engine -------------------------------------------------------------
+
+@dataclass
+class _Block:
+    index: int
+    frames: np.ndarray
+    first_frame: int
+    pts: float
+    audio: np.ndarray
+    timings: dict = field(default_factory=dict)
+
+
+class ScriptedEngine:
+    """Follows the Engine contract with trivial compute: a block is ready once its audio has arrived."""
+
+    def __init__(self, preset: str = "tiny"):
+        self.config = EngineConfig.from_preset(preset)
+        self.chunks: list[np.ndarray] = []
+        self.reference = None
+        self.seed = None
+
+    def reset(self, reference_image, prompt_embeds=None, seed=0):
+        self.reference, self.seed = reference_image, seed
+        self._pending = np.zeros(0, np.float32)
+        self._block = 0
+
+    def _ready(self) -> list[_Block]:
+        cfg, out = self.config, []
+        while True:
+            n = cfg.video_frames_in_block(self._block)
+            need = n * cfg.samples_per_video_frame
+            if len(self._pending) < need:
+                return out
+            first = cfg.first_video_frame(self._block)
+            value = (37 * self._block) % 256
+            frames = np.full((n, cfg.height, cfg.width, 3), value, np.uint8)
+            out.append(_Block(self._block, frames, first, first / cfg.fps, self._pending[:need].copy(),
+                              {"audio": 0.001, "denoise": 0.002, "decode": 0.003, "total": 0.006}))
+            self._pending = self._pending[need:]
+            self._block += 1
+
+    def step(self, audio_chunk, sample_rate=16000):
+        assert sample_rate == self.config.audio.sample_rate
+        self.chunks.append(np.array(audio_chunk))
+        self._pending = np.concatenate([self._pending, audio_chunk])
+        return self._ready()
+
+    def flush(self):
+        spf = self.config.samples_per_video_frame
+        # Pad to whole video frames and finish the current block (as the real flush does with silence).
+        n = self.config.video_frames_in_block(self._block) * spf
+        if len(self._pending):
+            self._pending = np.concatenate([self._pending, np.zeros(n - len(self._pending), np.float32)])
+        return self._ready()
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    made = []
+
+    def create(source, device, dtype):
+        made.append((source, device, dtype))
+        engine = ScriptedEngine()
+        made.append(engine)
+        return engine
+
+    monkeypatch.setattr(cli, "_create_engine", create)
+    return made
+
+
+def test_demo_streams_all_audio_and_writes_mp4(tmp_path, scripted):
+    out = tmp_path / "demo.mp4"
+    result = runner.invoke(cli.app, ["demo", "--out", str(out), "--seconds", "2.0", "--chunk-ms", "40",
+                                     "--seed", "3", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    (source, device, dtype), engine = scripted
+    assert source == "tiny" and device is None and dtype is None
+    assert engine.seed == 3 and engine.reference.shape == (64, 64, 3)
+    # Every sample went through step() in 640-sample chunks (40 ms at 16 kHz), in order.
+    assert [len(c) for c in engine.chunks[:-1]] == [640] * (len(engine.chunks) - 1)
+    from runtime.media import synth_speech_like
+    np.testing.assert_array_equal(np.concatenate(engine.chunks), synth_speech_like(2.0, 16000, seed=3))
+    # 2 s = 32 frames -> blocks of 9, 12, then the flushed 12: 33 frames.
+    with av.open(str(out)) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        audio = c.streams.audio[0]
+        assert abs(float(audio.duration * audio.time_base) - 33 / 16) <= 1 / 16
+    assert len(frames) == 33
+    assert abs(int(frames[20][0, 0, 0]) - 37) <= 4 and abs(int(frames[30][0, 0, 0]) - 74) <= 4
+    # The random-weights warning appears at the start and at the end; the table and summary print.
+    text = result.output
+    assert text.count("RANDOM weights") == 2 and "NOISE" in text
+    assert "block  frames" in text and "first-block latency" in text and "median block time" in text
+
+
+def test_demo_with_checkpoint_has_no_noise_warning(tmp_path, scripted):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    result = runner.invoke(cli.app, ["demo", "--out", str(tmp_path / "o.mp4"), "--seconds", "1",
+                                     "--checkpoint", str(ckpt), "--device", "cpu", "--dtype", "float32",
+                                     "--no-progress"])
+    assert result.exit_code == 0, result.output
+    (source, device, dtype), _ = scripted
+    assert source == str(ckpt) and device == "cpu" and dtype == "float32"
+    assert "RANDOM weights" not in result.output
+
+
+def test_demo_uses_given_wav_and_image(tmp_path, scripted):
+    from PIL import Image
+    wav, img = tmp_path / "in.wav", tmp_path / "ref.png"
+    speech = np.sin(np.arange(12000) / 7.0).astype(np.float32) * 0.5
+    write_wav(wav, speech, 16000)
+    Image.fromarray(np.full((30, 50, 3), 99, np.uint8)).save(img)
+    result = runner.invoke(cli.app, ["demo", "--out", str(tmp_path / "o.mp4"), "--audio", str(wav),
+                                     "--image", str(img)])  # with the progress bar
+    assert result.exit_code == 0, result.output
+    engine = scripted[1]
+    assert engine.reference.shape == (30, 50, 3)  # the engine itself resizes and crops
+    np.testing.assert_allclose(np.concatenate(engine.chunks), speech, atol=1 / 32768)
+
+
+def test_demo_wrong_wav_rate_needs_resample(tmp_path, scripted):
+    wav = tmp_path / "r24k.wav"
+    write_wav(wav, np.zeros(24000, np.float32) + 0.1, 24000)
+    result = runner.invoke(cli.app, ["demo", "--out", str(tmp_path / "o.mp4"), "--audio", str(wav),
+                                     "--no-progress"])
+    assert result.exit_code != 0
+    assert "24000 Hz" in result.output and "--resample" in result.output
+    result = runner.invoke(cli.app, ["demo", "--out", str(tmp_path / "o.mp4"), "--audio", str(wav),
+                                     "--resample", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert abs(sum(len(c) for c in scripted[-1].chunks) - 16000) <= 1
+
+
+@pytest.mark.parametrize("args, words", [(["--device", "tpu"], "cpu or cuda"),
+                                         (["--dtype", "int8"], "float32"),
+                                         (["--chunk-ms", "0"], "chunk-ms")])
+def test_demo_bad_options(tmp_path, scripted, args, words):
+    result = runner.invoke(cli.app, ["demo", "--out", str(tmp_path / "o.mp4"), "--no-progress"] + args)
+    assert result.exit_code == 2
+    assert words in result.output
+
+
+# ---- end to end with the real engine ------------------------------------------------------------
+
+def _engine_available() -> bool:
+    try:
+        from runtime import Engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _engine_available(), reason="engine not available")
+def test_demo_end_to_end_tiny(tmp_path):
+    out = tmp_path / "demo.mp4"
+    result = runner.invoke(cli.app, ["demo", "--out", str(out), "--seconds", "1.5", "--preset", "tiny",
+                                     "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    cfg = EngineConfig.from_preset("tiny")
+    with av.open(str(out)) as c:
+        v, a = c.streams.video[0], c.streams.audio[0]
+        assert (v.width, v.height) == (cfg.width, cfg.height) and v.average_rate == cfg.fps
+        n = len(list(c.decode(video=0)))
+        assert abs(float(a.duration * a.time_base) - n / cfg.fps) <= 1 / cfg.fps
+    # 1.5 s of audio covers 24 frames; the stream ends on a whole block (9 + 12k frames).
+    assert n >= 24 and (n - 9) % 12 == 0
+    assert "RANDOM weights" in result.output and "first-block latency" in result.output
