@@ -1,0 +1,281 @@
+"""`Engine`: push audio, get video blocks back as soon as they exist.
+
+    eng = Engine.from_pretrained("tiny")          # or a directory with the LiveTalk files
+    eng.reset(reference_image, seed=0)
+    for chunk in audio_chunks:
+        for block in eng.step(chunk):             # zero or more VideoBlocks per call
+            show(block.frames)
+    tail = eng.flush()                            # pads with silence, finishes the stream
+
+`step` is plan -> run -> postprocess, per block: plan the ring (host arithmetic), run audio features,
+the sampler and the streaming VAE decode, then copy frames out. A bad input raises before any state
+changes, so the next valid call behaves as if the bad one never happened.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .audio import AudioEncoder, AudioStream, check_chunk
+from .checkpoint import load_into, read_state_dict
+from .config import PRESETS, EngineConfig
+from .models.dit import CausalAudioDiT, TimeMod, build_dit
+from .models.ops import Ops, ops_for
+from .models.vae import StreamingVAEDecoder, WanVAE
+from .sampler import BlockInputs, sample_block
+from .session import KVRing, StaticPlan, plan_block
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VideoBlock:
+    index: int                # block index in the stream
+    frames: np.ndarray        # uint8 [N, H, W, 3], a copy owned by the caller
+    first_frame: int          # stream index of its first video frame
+    pts: float                # time of its first frame, seconds
+    audio: np.ndarray         # float32 mono samples these frames cover (silence padding included after flush)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+
+@dataclass
+class _Session:
+    ring: KVRing
+    plan: StaticPlan
+    text_kv: list
+    ref_latent: torch.Tensor          # [B, C, 1, h, w] fp32
+    cond_first: torch.Tensor          # [B, C + 1, F, h, w]: block 0 (mask 0 on frame 0)
+    cond_rest: torch.Tensor           # later blocks (mask 1 everywhere)
+    generator: torch.Generator
+    audio: AudioStream
+    decoder: StreamingVAEDecoder
+    block: int = 0
+    flushed: bool = False
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, dit: CausalAudioDiT, vae: WanVAE, audio_encoder: AudioEncoder,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 backend: str = "auto"):
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.dit, self.vae, self.audio_encoder = dit, vae, audio_encoder
+        self.ops: type[Ops] = ops_for(backend, self.device)
+        self.batch = 1
+        steps = list(config.sampler.timesteps) + [config.sampler.refresh_timestep]
+        self._mods = [self._time_mod(t) for t in steps]
+        self._session: _Session | None = None
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_preset: str, device=None, dtype=None, backend: str = "auto",
+                        seed: int = 0) -> "Engine":
+        """A preset name gives random weights (seeded); a directory gives the LiveTalk release files."""
+        if path_or_preset in PRESETS and not Path(path_or_preset).exists():
+            return cls.random(EngineConfig.from_preset(path_or_preset), device, dtype, backend, seed)
+        device, dtype = _default_device_dtype(device, dtype)
+        config = EngineConfig.from_preset("livetalk-1.3b")
+        dit, vae, audio = _load_release(Path(path_or_preset), config, device, dtype)
+        return cls._assemble(config, dit, vae, audio, device, dtype, backend)
+
+    @classmethod
+    def random(cls, config: EngineConfig, device=None, dtype=None, backend: str = "auto",
+               seed: int = 0) -> "Engine":
+        """Random weights of the configured shapes: tests, demos and speed measurements."""
+        device, dtype = _default_device_dtype(device, dtype)
+        torch.manual_seed(seed)
+        dit = build_dit(config, device=device, dtype=dtype)
+        with torch.device(device):
+            vae = WanVAE(config.vae)
+        audio = AudioEncoder.from_config(config.audio, seed=seed)
+        return cls._assemble(config, dit, vae, audio, device, dtype, backend)
+
+    @classmethod
+    def _assemble(cls, config, dit, vae, audio, device, dtype, backend) -> "Engine":
+        vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        audio = audio.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        return cls(config, dit, vae, audio, device=device, dtype=dtype, backend=backend)
+
+    def _time_mod(self, t: float) -> TimeMod:
+        """Modulation of timestep t for every frame of a block, computed once (t is fixed per step)."""
+        frames = self.config.cache.block_frames
+        mod = self.dit.time_mod(torch.full((1, frames), float(t)))
+        return TimeMod(blocks=mod.blocks.expand(self.batch, -1, -1, -1).contiguous(),
+                       head=mod.head.expand(self.batch, -1, -1).contiguous())
+
+    # ---- session --------------------------------------------------------------------------------
+    def reset(self, reference_image, prompt_embeds=None, seed: int = 0) -> None:
+        """Start a new stream from a reference image (HxWx3 uint8 array or a path)."""
+        from .media import load_image, resize_cover_center_crop
+
+        cfg = self.config
+        image = resize_cover_center_crop(load_image(reference_image), cfg.height, cfg.width)
+        prompt = self._prompt_tensor(prompt_embeds)
+        # Everything above validates input; nothing below can fail on user data.
+        ref_latent = self._encode_reference(image)
+        self._session = _Session(
+            ring=self._session.ring if self._session else KVRing.allocate(cfg, self.batch, self.device, self.dtype),
+            plan=self._session.plan if self._session else StaticPlan.allocate(cfg.cache, self.batch, self.device),
+            text_kv=self.dit.text_kv(prompt),
+            ref_latent=ref_latent,
+            cond_first=self._cond(ref_latent, first=True),
+            cond_rest=self._cond(ref_latent, first=False),
+            generator=torch.Generator(self.device).manual_seed(seed),
+            audio=AudioStream(cfg.audio, cfg.fps, self.audio_encoder, self.device, self.dtype,
+                              max_span_frames=max(cfg.video_frames_in_block(0), cfg.video_frames_in_block(1))),
+            decoder=StreamingVAEDecoder(self.vae, batch=self.batch),
+        )
+        self._session.ring.clear()
+
+    def _prompt_tensor(self, prompt_embeds) -> torch.Tensor:
+        d = self.config.dit
+        if prompt_embeds is None:
+            # No text encoder yet: the default prompt is an all-zero embedding (padded like any prompt).
+            prompt_embeds = torch.zeros(1, d.text_dim)
+        p = torch.as_tensor(prompt_embeds)
+        if p.ndim == 2:
+            p = p[None]
+        if p.ndim != 3 or p.shape[0] != self.batch or p.shape[-1] != d.text_dim or not 1 <= p.shape[1] <= d.text_len:
+            raise ValueError(f"prompt_embeds must be [L, {d.text_dim}] with 1 <= L <= {d.text_len}, "
+                             f"got shape {tuple(p.shape)}")
+        if not p.is_floating_point() or not torch.isfinite(p).all():
+            raise ValueError("prompt_embeds must be finite floating-point values")
+        return p.to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def _encode_reference(self, image: np.ndarray) -> torch.Tensor:
+        img = torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None].to(self.dtype) / 127.5 - 1
+        return self.vae.encode_image(img.expand(self.batch, -1, -1, -1)).float()
+
+    def _cond(self, ref_latent: torch.Tensor, first: bool) -> torch.Tensor:
+        B, C, _, h, w = ref_latent.shape
+        F = self.config.cache.block_frames
+        mask = torch.ones(B, 1, F, h, w, device=self.device)
+        if first:
+            mask[:, :, 0] = 0  # global latent frame 0 is the reference frame
+        return torch.cat([ref_latent.expand(-1, -1, F, -1, -1), mask], dim=1).to(self.dtype)
+
+    def _require_session(self) -> _Session:
+        if self._session is None:
+            raise RuntimeError("call reset(reference_image) before step()")
+        if self._session.flushed:
+            raise RuntimeError("this stream was flushed; call reset() to start a new one")
+        return self._session
+
+    # ---- streaming ------------------------------------------------------------------------------
+    def step(self, audio_chunk, sample_rate: int = 16000) -> list[VideoBlock]:
+        """Push mono audio (int16 or float32 in [-1, 1]); return every block that became ready."""
+        s = self._require_session()
+        samples = check_chunk(audio_chunk, sample_rate, self.config.audio.sample_rate)
+        return self._feed(s, samples)
+
+    def flush(self) -> list[VideoBlock]:
+        """Pad with silence so every pushed sample is covered by a block, emit the rest, end the stream."""
+        s = self._require_session()
+        cfg = self.config
+        spf = cfg.samples_per_video_frame
+        frames_needed = -(-s.audio.total_samples // spf)
+        blocks = []
+        if frames_needed > cfg.first_video_frame(s.block):
+            last = s.block
+            while cfg.first_video_frame(last) + cfg.video_frames_in_block(last) < frames_needed:
+                last += 1
+            end_frame = cfg.first_video_frame(last) + cfg.video_frames_in_block(last)
+            lookahead = cfg.audio.window_frames(cfg.fps)[1]
+            pad = (end_frame + lookahead) * spf - s.audio.total_samples
+            blocks = self._feed(s, np.zeros(max(0, pad), np.float32))
+        s.flushed = True
+        return blocks
+
+    def _feed(self, s: _Session, samples: np.ndarray) -> list[VideoBlock]:
+        """Push in pieces that fit the bounded audio ring, running blocks as they become ready."""
+        out: list[VideoBlock] = []
+        pos = 0
+        while pos < len(samples):
+            n = min(len(samples) - pos, s.audio.free_samples)
+            s.audio.push(samples[pos:pos + n])
+            pos += n
+            out += self._drain(s)
+        return out
+
+    def _drain(self, s: _Session) -> list[VideoBlock]:
+        cfg = self.config
+        out = []
+        while s.audio.ready(cfg.first_video_frame(s.block) + cfg.video_frames_in_block(s.block)):
+            out.append(self._run_block(s))
+        return out
+
+    @torch.no_grad()
+    def _run_block(self, s: _Session) -> VideoBlock:
+        cfg = self.config
+        b = s.block
+        v0, n = cfg.first_video_frame(b), cfg.video_frames_in_block(b)
+        t0 = time.perf_counter()
+        # plan: ring slots and RoPE positions (host arithmetic), copied into the static device plan
+        plan = s.plan.update(plan_block(b, cfg.cache, self.batch))
+        # run: audio features -> sampler -> streaming decode
+        inputs = self._block_inputs(s, b, s.audio.features(v0, v0 + n))
+        t1 = time.perf_counter()
+        x0 = sample_block(self.dit, self.ops, inputs, self._mods, cfg.sampler.sigmas, s.text_kv,
+                          s.ring.k, s.ring.v, plan)
+        t2 = time.perf_counter()
+        video = s.decoder.decode(x0.to(self.dtype))
+        # postprocess: frames leave as a uint8 host copy
+        frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        frames = frames.permute(1, 2, 3, 0).cpu().numpy()
+        t3 = time.perf_counter()
+        spf = cfg.samples_per_video_frame
+        s.block += 1
+        return VideoBlock(index=b, frames=frames, first_frame=v0, pts=v0 / cfg.fps,
+                          audio=s.audio.samples(v0 * spf, (v0 + n) * spf),
+                          timings={"audio": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2, "total": t3 - t0})
+
+    def _block_inputs(self, s: _Session, b: int, feats: torch.Tensor) -> BlockInputs:
+        cfg = self.config
+        if b == 0:
+            # latent frame 0 <-> video frame 0, repeated so every latent frame has `audio_pack` frames
+            feats = torch.cat([feats[:, :1].expand(-1, cfg.dit.audio_pack - 1, -1), feats], dim=1)
+        audio = self.dit.audio_cond(feats.to(self.dtype).expand(self.batch, -1, -1))
+        _, C, _, h, w = s.ref_latent.shape
+        shape = (cfg.sampler.num_steps, self.batch, C, cfg.cache.block_frames, h, w)
+        noise = torch.randn(shape, generator=s.generator, device=self.device, dtype=torch.float32)
+        return BlockInputs(noise=noise, cond=s.cond_first if b == 0 else s.cond_rest, audio=audio,
+                           ref_latent=s.ref_latent if b == 0 else None)
+
+
+def _default_device_dtype(device, dtype):
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def _find(root: Path, name: str) -> Path:
+    hits = sorted(root.rglob(name))
+    if not hits:
+        raise FileNotFoundError(f"{root}: no {name} found (expected the LiveTalk release layout)")
+    return hits[0]
+
+
+def _load_release(root: Path, config: EngineConfig, device, dtype):
+    """LiveTalk files under `root`: LiveTalk DiT safetensors, Wan2.1_VAE.pth, a wav2vec2-base-960h dir."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a preset name ({', '.join(PRESETS)}) nor a checkpoint directory")
+    dit_path = root / "LiveTalk-1.3B-V0.1" if (root / "LiveTalk-1.3B-V0.1").is_dir() else root
+    dit = load_into(build_dit(config, device="meta"), read_state_dict(dit_path / "model.safetensors"
+                    if (dit_path / "model.safetensors").exists() else dit_path),
+                    what="LiveTalk DiT", dtype=dtype, device=device)
+    vae_file = _find(root, "Wan2.1_VAE.*")
+    # Built for real (not on meta): its latent mean/std constants are buffers outside the state_dict.
+    vae = load_into(WanVAE(config.vae), read_state_dict(vae_file), what="Wan2.1 VAE", dtype=dtype)
+    audio = AudioEncoder.from_pretrained(_find(root, "wav2vec2-base-960h"), config.audio)
+    log.info("loaded LiveTalk release from %s", root)
+    return dit, vae, audio
