@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from ._triton_util import (FLOAT_DTYPES, check_dtype, check_last_dim_contiguous, check_launchable,
+                           check_same_device, check_shape, compiled, next_pow2, tl)
+
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
@@ -20,7 +23,9 @@ def qk_norm_kv_write_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                write_slots: torch.Tensor) -> torch.Tensor:
     """q, k, v: [B, Fq*T, dim]; rings [B, S*T, H, D]; write_slots [B, Fq] (slot of each block frame).
 
-    Writes RMSNorm(k) and v into the ring slots; returns RMSNorm(q) as [B, Fq*T, H, D].
+    Writes RMSNorm(k) (un-roped) and v into the ring slots, cast to the ring dtype; returns RMSNorm(q)
+    as [B, Fq*T, H, D] in q's dtype. The product with the weight is taken in the activation dtype
+    (weight cast to it first), as the release does. Rows of other slots are not touched.
     """
     B, Lq, dim = q.shape
     _, ST, H, D = k_ring.shape
@@ -34,3 +39,138 @@ def qk_norm_kv_write_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         kr[b, write_slots[b].long()] = kn[b].to(k_ring.dtype)
         vr[b, write_slots[b].long()] = vv[b].to(v_ring.dtype)
     return rms_norm_reference(q, q_weight, eps).view(B, Lq, H, D)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernel: one program per token row. The row of q and of k (the full model width, H * D) is
+# normalised in fp32 in registers; q goes to its output, k and v go straight to ring row
+# slot * T + t of the token's frame (slot read from write_slots on the device, so no host sync).
+# --------------------------------------------------------------------------------------------------
+def _qk_norm_kv_write_kernel(
+        q_ptr, k_ptr, v_ptr, q_weight_ptr, k_weight_ptr, q_out_ptr, k_ring_ptr, v_ring_ptr, slots_ptr,
+        stride_qb, stride_ql, stride_kb, stride_kl, stride_vb, stride_vl,
+        stride_ob, stride_ol, stride_oh,
+        stride_krb, stride_krl, stride_krh, stride_vrb, stride_vrl, stride_vrh,
+        stride_wb, stride_wf,
+        Lq, T, S, eps,
+        DIM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    b = (row // Lq).to(tl.int64)            # int64: batch offsets of a large ring overflow int32
+    i = row % Lq
+    c = tl.arange(0, BLOCK)
+    c_ok = c < DIM
+    head = c // HEAD_DIM
+    d = c % HEAD_DIM
+    act = q_ptr.dtype.element_ty
+
+    # q: RMSNorm in fp32, rounded to the activation dtype, times the weight in that dtype
+    q = tl.load(q_ptr + b * stride_qb + i * stride_ql + c, mask=c_ok, other=0.0).to(tl.float32)
+    q_w = tl.load(q_weight_ptr + c, mask=c_ok, other=0.0).to(act).to(tl.float32)
+    q_n = (q * tl.rsqrt(tl.sum(q * q, 0) / DIM + eps)).to(act).to(tl.float32)
+    tl.store(q_out_ptr + b * stride_ob + i * stride_ol + head * stride_oh + d,
+             (q_n * q_w).to(act).to(q_out_ptr.dtype.element_ty), mask=c_ok)
+
+    # ring row of this token; a slot outside [0, S) writes nothing (never out of bounds)
+    slot = tl.load(slots_ptr + b * stride_wb + (i // T) * stride_wf).to(tl.int64)
+    ring_row = slot * T + i % T
+    w_ok = tl.where((slot >= 0) & (slot < S), c_ok, False)
+
+    k = tl.load(k_ptr + b * stride_kb + i * stride_kl + c, mask=c_ok, other=0.0).to(tl.float32)
+    k_w = tl.load(k_weight_ptr + c, mask=c_ok, other=0.0).to(act).to(tl.float32)
+    k_n = (k * tl.rsqrt(tl.sum(k * k, 0) / DIM + eps)).to(act).to(tl.float32)
+    tl.store(k_ring_ptr + b * stride_krb + ring_row * stride_krl + head * stride_krh + d,
+             (k_n * k_w).to(act).to(k_ring_ptr.dtype.element_ty), mask=w_ok)
+
+    v = tl.load(v_ptr + b * stride_vb + i * stride_vl + c, mask=c_ok, other=0.0)
+    tl.store(v_ring_ptr + b * stride_vrb + ring_row * stride_vrl + head * stride_vrh + d,
+             v.to(v_ring_ptr.dtype.element_ty), mask=w_ok)
+
+
+_OP = "qk_norm_kv_write_triton"
+
+
+def _row_warps(block: int) -> int:
+    """Warps for a one-row program: about 16 elements a thread (two 16-byte loads of bf16)."""
+    return max(1, min(16, block // 512))
+
+
+def _check_kv_write_inputs(q, k, v, q_weight, k_weight, k_ring, v_ring, write_slots) -> tuple[int, int]:
+    """Validates and returns (T, S)."""
+    if q.dim() != 3:
+        raise ValueError(f"{_OP}: q must be [B, Lq, dim], got shape {tuple(q.shape)}")
+    B, Lq, dim = q.shape
+    check_shape(_OP, "k", k, (B, Lq, dim))
+    check_shape(_OP, "v", v, (B, Lq, dim))
+    check_shape(_OP, "q_weight", q_weight, (dim,))
+    check_shape(_OP, "k_weight", k_weight, (dim,))
+    if k_ring.dim() != 4 or k_ring.shape[0] != B or k_ring.shape[2] * k_ring.shape[3] != dim:
+        raise ValueError(f"{_OP}: k_ring must be [B={B}, S*T, H, D] with H*D = {dim}, "
+                         f"got {tuple(k_ring.shape)}")
+    check_shape(_OP, "v_ring", v_ring, tuple(k_ring.shape))
+    if write_slots.dim() != 2 or write_slots.shape[0] != B or write_slots.shape[1] < 1:
+        raise ValueError(f"{_OP}: write_slots must be [B={B}, Fq], got shape {tuple(write_slots.shape)}")
+    Fq = write_slots.shape[1]
+    if Lq % Fq:
+        raise ValueError(f"{_OP}: Lq = {Lq} tokens is not a whole number of the {Fq} frames in write_slots")
+    T = Lq // Fq
+    if k_ring.shape[1] % T:
+        raise ValueError(f"{_OP}: ring length {k_ring.shape[1]} is not a whole number of {T}-token slots")
+    check_dtype(_OP, "q", q, FLOAT_DTYPES)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{_OP}: {name} dtype {t.dtype} differs from q dtype {q.dtype}")
+    for name, t in (("q_weight", q_weight), ("k_weight", k_weight), ("k_ring", k_ring), ("v_ring", v_ring)):
+        check_dtype(_OP, name, t, FLOAT_DTYPES)
+    check_dtype(_OP, "write_slots", write_slots, (torch.int32, torch.int64))
+    for name, t in (("q", q), ("k", k), ("v", v), ("q_weight", q_weight), ("k_weight", k_weight),
+                    ("k_ring", k_ring), ("v_ring", v_ring)):
+        check_last_dim_contiguous(_OP, name, t)
+    return T, k_ring.shape[1] // T
+
+
+def _check_slots_on_host(write_slots: torch.Tensor, S: int) -> None:
+    """Slot range and uniqueness, checked only when the slots already live on the host (no sync)."""
+    if write_slots.device.type != "cpu":
+        return
+    if bool(((write_slots < 0) | (write_slots >= S)).any()):
+        raise ValueError(f"{_OP}: write_slots must lie in [0, {S}), got {write_slots.tolist()}")
+    for b, row in enumerate(write_slots.tolist()):
+        if len(set(row)) != len(row):
+            raise ValueError(f"{_OP}: write_slots row {b} names a slot twice: {row}")
+
+
+def qk_norm_kv_write_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                            k_ring: torch.Tensor, v_ring: torch.Tensor, write_slots: torch.Tensor, *,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton version of `qk_norm_kv_write_reference` (same arguments, same result and ring writes).
+
+    On CUDA, write_slots is not inspected on the host (no sync): slots outside [0, S) write nothing,
+    and a slot named twice in one row is a race. On the CPU both are rejected with an error.
+    `out` ([B, Lq, H, D], q's dtype) receives the normalised q if given.
+    """
+    T, S = _check_kv_write_inputs(q, k, v, q_weight, k_weight, k_ring, v_ring, write_slots)
+    device = check_same_device(_OP, q=q, k=k, v=v, q_weight=q_weight, k_weight=k_weight,
+                               k_ring=k_ring, v_ring=v_ring, write_slots=write_slots)
+    check_launchable(_OP, device)
+    _check_slots_on_host(write_slots, S)
+    B, Lq, dim = q.shape
+    H, D = k_ring.shape[2], k_ring.shape[3]
+    if out is None:
+        out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=device)
+    else:
+        check_shape(_OP, "out", out, (B, Lq, H, D))
+        if out.dtype != q.dtype or out.device != device:
+            raise ValueError(f"{_OP}: out must be {q.dtype} on {device}, got {out.dtype} on {out.device}")
+        check_last_dim_contiguous(_OP, "out", out)
+    block = next_pow2(dim)
+    compiled(_qk_norm_kv_write_kernel)[(B * Lq,)](
+        q, k, v, q_weight, k_weight, out, k_ring, v_ring, write_slots,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        k_ring.stride(0), k_ring.stride(1), k_ring.stride(2),
+        v_ring.stride(0), v_ring.stride(1), v_ring.stride(2),
+        write_slots.stride(0), write_slots.stride(1),
+        Lq, T, S, float(eps),
+        DIM=dim, HEAD_DIM=D, BLOCK=block, num_warps=_row_warps(block))
+    return out
