@@ -1,0 +1,162 @@
+"""Triton window attention vs the fp32 reference (kernels/window_attention.py).
+
+On a machine without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set here
+before any kernel is compiled; Triton reads it when a kernel is first built). Shapes are tiny there.
+The `gpu` tests repeat the comparison at the real shape (Lq 3072, 15 slots x 1024 tokens, 12 x 128).
+
+Tolerances (max |kernel - reference| <= atol + rtol * |reference|), reference in fp32 on the same
+(rounded) inputs:
+- fp32: 1e-5. Everything stays fp32 (MMA in IEEE fp32); angles are bit-identical to the reference.
+- fp16: 3e-3. Rotated q/k and the probabilities are rounded to fp16 (11-bit mantissa) for the MMA.
+- bf16: 4e-2. Same with an 8-bit mantissa; Triton's interpreter also truncates fp32 -> bf16 instead of
+  rounding to nearest, which roughly doubles the error seen on the CPU (observed max ~1.2e-2).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
+
+from kernels._triton_util import interpreting  # noqa: E402
+from kernels.window_attention import (INVALID_POS, AttentionConfig, window_attention_reference,  # noqa: E402
+                                      window_attention_triton)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu" and not interpreting():
+    pytest.skip("no CUDA device and TRITON_INTERPRET is disabled", allow_module_level=True)
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 4e-2}
+X = INVALID_POS
+
+
+def make_inputs(B, H, D, grid, slot_pos, q_pos, dtype, seed):
+    """Random q and rings; empty slots of the kernel's ring are poisoned with NaN (never to be read),
+    the reference gets zeros there (it multiplies them by a zero weight)."""
+    g = torch.Generator().manual_seed(seed)
+    T = grid[0] * grid[1]
+    slot_pos = torch.tensor(slot_pos, dtype=torch.int32)
+    q_pos = torch.tensor(q_pos, dtype=torch.int32)
+    S, Fq = slot_pos.shape[1], q_pos.shape[1]
+    q = torch.randn(B, Fq * T, H, D, generator=g).to(dtype)
+    k = torch.randn(B, S * T, H, D, generator=g).to(dtype)
+    v = torch.randn(B, S * T, H, D, generator=g).to(dtype)
+    empty = (slot_pos == INVALID_POS).repeat_interleave(T, dim=1)[:, :, None, None]
+    k_ref, v_ref = k.masked_fill(empty, 0.0), v.masked_fill(empty, 0.0)
+    k_nan, v_nan = k.masked_fill(empty, float("nan")), v.masked_fill(empty, float("nan"))
+    dev = [t.to(DEVICE) for t in (q, k_nan, v_nan, slot_pos, q_pos)]
+    ref = [t.to(DEVICE) for t in (q, k_ref, v_ref, slot_pos, q_pos)]
+    return dev, ref
+
+
+def check(out, ref_inputs, grid, dtype):
+    q, k, v, slot_pos, q_pos = ref_inputs
+    expected = window_attention_reference(q.float(), k.float(), v.float(), slot_pos, q_pos, *grid)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert torch.isfinite(out).all(), "unwritten or NaN-contaminated outputs"
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+
+
+# Slots out of temporal order (ring wrap-around), empty slots, positions far beyond 1024 frames.
+CASES = {
+    # grid 3x5: T = 15 (odd, below one key tile); Lq = 30 is not a multiple of the query tile
+    "T15_wrap_far": dict(B=2, H=2, D=32, grid=(3, 5),
+                         slot_pos=[[0, 1, 5003, 5001, X, 5002], [4, X, 0, 1, 2, 3]],
+                         q_pos=[[5002, 5003], [3, 4]]),
+    # T = 20 spans two key tiles, the second partial; head_dim 48 is not a power of two
+    "T20_D48": dict(B=1, H=2, D=48, grid=(4, 5), slot_pos=[[7, X, 5, 6]], q_pos=[[7]]),
+    # T = 6, three query frames, head_dim 64, rolling positions with a negative one
+    "T6_D64": dict(B=1, H=1, D=64, grid=(2, 3), slot_pos=[[2, -1, 0, X, 1]], q_pos=[[0, 1, 2]]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_fp32_matches_reference(name):
+    c = CASES[name]
+    dev, ref = make_inputs(c["B"], c["H"], c["D"], c["grid"], c["slot_pos"], c["q_pos"], torch.float32, seed=1)
+    out = window_attention_triton(*dev, *c["grid"])
+    check(out, ref, c["grid"], torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_matches_reference(dtype):
+    c = CASES["T15_wrap_far"]
+    dev, ref = make_inputs(c["B"], c["H"], c["D"], c["grid"], c["slot_pos"], c["q_pos"], dtype, seed=2)
+    check(window_attention_triton(*dev, *c["grid"]), ref, c["grid"], dtype)
+
+
+def test_every_output_written_and_scale_used():
+    """out= filled with NaN first: any element the kernel skips stays NaN and fails."""
+    c = CASES["T15_wrap_far"]
+    dev, ref = make_inputs(c["B"], c["H"], c["D"], c["grid"], c["slot_pos"], c["q_pos"], torch.float32, seed=3)
+    out = torch.full_like(dev[0], float("nan"))
+    result = window_attention_triton(*dev, *c["grid"], scale=0.3, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    q, k, v, slot_pos, q_pos = ref
+    expected = window_attention_reference(q, k, v, slot_pos, q_pos, *c["grid"], scale=0.3)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_strided_query_view_and_explicit_config():
+    """q as a head-sliced view (non-contiguous rows) and a non-default tile shape."""
+    c = CASES["T20_D48"]
+    dev, ref = make_inputs(c["B"], 4, c["D"], c["grid"], c["slot_pos"], c["q_pos"], torch.float32, seed=4)
+    q, k, v, slot_pos, q_pos = dev
+    sl = slice(1, 3)
+    cfg = AttentionConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
+    out = window_attention_triton(q[:, :, sl], k[:, :, sl], v[:, :, sl], slot_pos, q_pos, *c["grid"], config=cfg)
+    qr, kr, vr, _, _ = ref
+    expected = window_attention_reference(qr[:, :, sl], kr[:, :, sl], vr[:, :, sl], slot_pos, q_pos, *c["grid"])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors():
+    c = CASES["T6_D64"]
+    dev, _ = make_inputs(c["B"], c["H"], c["D"], c["grid"], c["slot_pos"], c["q_pos"], torch.float32, seed=5)
+    q, k, v, slot_pos, q_pos = dev
+    with pytest.raises(TypeError, match="slot_pos"):
+        window_attention_triton(q, k, v, slot_pos.long(), q_pos, *c["grid"])
+    with pytest.raises(ValueError, match="k_ring"):
+        window_attention_triton(q, k[:, :-1], v, slot_pos, q_pos, *c["grid"])
+    with pytest.raises(ValueError, match="q_pos"):
+        window_attention_triton(q, k, v, slot_pos, q_pos[:, :2], *c["grid"])
+    with pytest.raises(TypeError, match="v_ring"):
+        window_attention_triton(q, k, v.half(), slot_pos, q_pos, *c["grid"])
+    v_strided = torch.zeros(*v.shape[:-1], 2 * v.shape[-1], device=v.device)[..., ::2]
+    v_strided.copy_(v)
+    with pytest.raises(ValueError, match="contiguous"):
+        window_attention_triton(q, k, v_strided, slot_pos, q_pos, *c["grid"])
+    with pytest.raises(ValueError, match="power of two"):
+        AttentionConfig(block_m=48, block_n=16, num_warps=4, num_stages=2)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+def _real_shape_inputs(slot_pos, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    B, H, D, T, S = 1, 12, 128, 1024, 15
+    q = torch.randn(B, 3 * T, H, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    k = torch.randn(B, S * T, H, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    v = torch.randn(B, S * T, H, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    sp = torch.tensor([slot_pos], dtype=torch.int32, device="cuda")
+    qp = torch.tensor([[0, 1, 2]], dtype=torch.int32, device="cuda")
+    return q, k, v, sp, qp
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("slot_pos", [
+    # block 10, absolute mode: 9 sink frames keep positions -30..-22, the rolling slots wrap around
+    [-30, -29, -28, -27, -26, -25, -24, -23, -22, 0, 1, 2, -3, -2, -1],
+    # block 1: the ring is not full yet (empty slots)
+    [-3, -2, -1, 0, 1, 2, X, X, X, X, X, X, X, X, X],
+])
+def test_gpu_real_shape_matches_reference(slot_pos):
+    q, k, v, sp, qp = _real_shape_inputs(slot_pos, seed=0)
+    out = window_attention_triton(q, k, v, sp, qp, 32, 32)
+    expected = window_attention_reference(q.float(), k.float(), v.float(), sp, qp, 32, 32)
+    torch.testing.assert_close(out.float(), expected, atol=TOL[torch.bfloat16], rtol=TOL[torch.bfloat16])
