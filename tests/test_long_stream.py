@@ -1,0 +1,41 @@
+"""Past upstream's 1024-frame RoPE table: > 1100 latent frames with flat memory (micro preset)."""
+import numpy as np
+import pytest
+import torch
+
+from runtime import Engine
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rope_mode", ["absolute", "rolling"])
+def test_stream_of_1100_latent_frames_has_flat_memory(rope_mode):
+    from runtime.config import CacheConfig, EngineConfig
+
+    cfg = EngineConfig.from_preset("micro")
+    cfg = cfg.replace(cache=CacheConfig(block_frames=3, sink_frames=3, window_frames=9, rope_mode=rope_mode))
+    eng = Engine.random(cfg, device="cpu")
+    eng.reset(np.full((32, 32, 3), 128, np.uint8), seed=0)
+    ring_ptr = eng._session.ring.k.data_ptr()
+    rng = np.random.default_rng(0)
+    chunk = cfg.audio.sample_rate // 2
+    target_blocks = 1100 // cfg.cache.block_frames + 2
+    blocks, rss = 0, []
+    while blocks < target_blocks:
+        got = eng.step((rng.standard_normal(chunk) * 0.1).clip(-1, 1).astype(np.float32))
+        for b in got:
+            assert np.isfinite(b.frames).all()
+        blocks += len(got)
+        if got:
+            rss.append(_rss_bytes())
+    assert blocks * cfg.cache.block_frames > 1100
+    assert eng._session.ring.k.data_ptr() == ring_ptr          # the ring is never reallocated
+    warm = rss[len(rss) // 5]
+    assert max(rss[len(rss) // 5:]) - warm < 64 * 2 ** 20, (warm, max(rss))
+    last = eng.flush()
+    assert all(b.frames.shape[1:] == (32, 32, 3) for b in last)
+    torch.testing.assert_close(torch.isfinite(eng._session.ring.k).all(), torch.tensor(True))
