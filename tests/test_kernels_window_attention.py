@@ -34,6 +34,11 @@ TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 4e-2}
 X = INVALID_POS
 
 
+def case_inputs(name, dtype, seed, heads=None):
+    c = CASES[name]
+    return make_inputs(c["B"], heads or c["H"], c["D"], c["grid"], c["slot_pos"], c["q_pos"], dtype, seed)
+
+
 def make_inputs(B, H, D, grid, slot_pos, q_pos, dtype, seed):
     """Random q and rings; empty slots of the kernel's ring are poisoned with NaN (never to be read),
     the reference gets zeros there (it multiplies them by a zero weight)."""
@@ -78,7 +83,7 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_fp32_matches_reference(name):
     c = CASES[name]
-    dev, ref = make_inputs(c["B"], c["H"], c["D"], c["grid"], c["slot_pos"], c["q_pos"], torch.float32, seed=1)
+    dev, ref = case_inputs(name, torch.float32, seed=1)
     out = window_attention_triton(*dev, *c["grid"])
     check(out, ref, c["grid"], torch.float32)
 
@@ -86,14 +91,14 @@ def test_fp32_matches_reference(name):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_matches_reference(dtype):
     c = CASES["T15_wrap_far"]
-    dev, ref = make_inputs(c["B"], c["H"], c["D"], c["grid"], c["slot_pos"], c["q_pos"], dtype, seed=2)
+    dev, ref = case_inputs("T15_wrap_far", dtype, seed=2)
     check(window_attention_triton(*dev, *c["grid"]), ref, c["grid"], dtype)
 
 
 def test_every_output_written_and_scale_used():
     """out= filled with NaN first: any element the kernel skips stays NaN and fails."""
     c = CASES["T15_wrap_far"]
-    dev, ref = make_inputs(c["B"], c["H"], c["D"], c["grid"], c["slot_pos"], c["q_pos"], torch.float32, seed=3)
+    dev, ref = case_inputs("T15_wrap_far", torch.float32, seed=3)
     out = torch.full_like(dev[0], float("nan"))
     result = window_attention_triton(*dev, *c["grid"], scale=0.3, out=out)
     assert result.data_ptr() == out.data_ptr()
@@ -105,19 +110,21 @@ def test_every_output_written_and_scale_used():
 def test_strided_query_view_and_explicit_config():
     """q as a head-sliced view (non-contiguous rows) and a non-default tile shape."""
     c = CASES["T20_D48"]
-    dev, ref = make_inputs(c["B"], 4, c["D"], c["grid"], c["slot_pos"], c["q_pos"], torch.float32, seed=4)
+    dev, ref = case_inputs("T20_D48", torch.float32, seed=4, heads=4)
     q, k, v, slot_pos, q_pos = dev
     sl = slice(1, 3)
     cfg = AttentionConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
-    out = window_attention_triton(q[:, :, sl], k[:, :, sl], v[:, :, sl], slot_pos, q_pos, *c["grid"], config=cfg)
+    out = window_attention_triton(q[:, :, sl], k[:, :, sl], v[:, :, sl], slot_pos, q_pos, *c["grid"],
+                                  config=cfg)
     qr, kr, vr, _, _ = ref
-    expected = window_attention_reference(qr[:, :, sl], kr[:, :, sl], vr[:, :, sl], slot_pos, q_pos, *c["grid"])
+    expected = window_attention_reference(qr[:, :, sl], kr[:, :, sl], vr[:, :, sl], slot_pos, q_pos,
+                                          *c["grid"])
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_inputs_raise_clear_errors():
     c = CASES["T6_D64"]
-    dev, _ = make_inputs(c["B"], c["H"], c["D"], c["grid"], c["slot_pos"], c["q_pos"], torch.float32, seed=5)
+    dev, _ = case_inputs("T6_D64", torch.float32, seed=5)
     q, k, v, slot_pos, q_pos = dev
     with pytest.raises(TypeError, match="slot_pos"):
         window_attention_triton(q, k, v, slot_pos.long(), q_pos, *c["grid"])
