@@ -168,7 +168,14 @@ class PyScheduler {
   ~PyScheduler() {
     if (!backend_) return;
     py::gil_scoped_release nogil;  // workers may need the GIL to finish a running stage
-    backend_->close();
+    try {
+      backend_->close();
+    } catch (...) {
+      // Dropped from inside one of its own stages: a worker cannot join itself. Leak the
+      // backend rather than crash; closing explicitly (or `with Scheduler(...)`) avoids this.
+      (void)backend_.release();
+      return;
+    }
     backend_.reset();
   }
 

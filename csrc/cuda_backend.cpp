@@ -195,6 +195,7 @@ class CudaBackend final : public Backend {
     }
     cancel();
     synchronize_streams();
+    std::vector<StageWork> dropped_work;
     std::deque<std::shared_ptr<Block>> forgotten;
     std::lock_guard<std::mutex> lk(mu_);
     closed_ = true;
@@ -203,6 +204,7 @@ class CudaBackend final : public Backend {
     if (own_streams_)
       for (cudaStream_t s : streams_) cudaStreamDestroy(s);
     streams_.clear();
+    dropped_work = std::move(work_);  // callables may reference the owner (a cycle GC cannot see)
   }
 
  private:

@@ -39,7 +39,13 @@ class HostBackend final : public Backend {
     for (int lane = 0; lane < plan_.num_lanes; ++lane) workers_.emplace_back([this, lane] { worker_loop(lane); });
   }
 
-  ~HostBackend() override { close(); }
+  ~HostBackend() override {
+    try {
+      close();
+    } catch (...) {
+      // Destroyed from one of its own stages: the bindings prevent this (they leak instead).
+    }
+  }
 
   const Plan& plan() const override { return plan_; }
 
@@ -104,7 +110,12 @@ class HostBackend final : public Backend {
     cv_.notify_all();
   }
 
+  // Stops and joins the workers, then drops the stage functions: they may reference the
+  // scheduler's owner, a cycle Python's GC cannot see through C++.
   void close() override {
+    for (const auto& t : workers_)
+      if (t.get_id() == std::this_thread::get_id())
+        throw std::logic_error("close() called from one of the scheduler's own stages");
     {
       std::lock_guard<std::mutex> lk(mu_);
       if (stopping_) return;  // already closed (or closing on another thread)
@@ -116,8 +127,10 @@ class HostBackend final : public Backend {
     for (auto& t : workers_)
       if (t.joinable()) t.join();
     workers_.clear();
+    std::vector<StageFn> fns;
     std::deque<std::shared_ptr<Block>> forgotten;
     std::lock_guard<std::mutex> lk(mu_);
+    fns.swap(fns_);
     forgotten = window_.clear();
   }
 
