@@ -22,6 +22,9 @@ except ImportError:  # pragma: no cover - exercised only on installs without tri
 
 _TRUE = ("1", "true", "on", "yes", "y")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Multiply-add contraction on, said explicitly: Triton 3.9 warns that its default flips in 3.10. The
+# kernels want it (rotations and the softmax exponent are single FMAs, no accuracy is lost).
+FP_FUSION = True
 
 
 def triton_available() -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_util import (FLOAT_DTYPES, check_dtype, check_last_dim_contiguous, check_launchable,
+from ._triton_util import (FLOAT_DTYPES, FP_FUSION, check_dtype, check_last_dim_contiguous, check_launchable,
                            check_same_device, check_shape, compiled, next_pow2, tl)
 
 
@@ -172,5 +172,5 @@ def qk_norm_kv_write_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         v_ring.stride(0), v_ring.stride(1), v_ring.stride(2),
         write_slots.stride(0), write_slots.stride(1),
         Lq, T, S, float(eps),
-        DIM=dim, HEAD_DIM=D, BLOCK=block, num_warps=_row_warps(block))
+        DIM=dim, HEAD_DIM=D, BLOCK=block, num_warps=_row_warps(block), enable_fp_fusion=FP_FUSION)
     return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_util import (FLOAT_DTYPES, check_dtype, check_last_dim_contiguous, check_launchable,
+from ._triton_util import (FLOAT_DTYPES, FP_FUSION, check_dtype, check_last_dim_contiguous, check_launchable,
                            check_same_device, check_shape, compiled, next_pow2, tl)
 
 
@@ -125,7 +125,7 @@ def layernorm_modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch
         x.stride(0), x.stride(1), shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1),
         out.stride(0), out.stride(1),
         L, tokens_per_frame, float(eps),
-        DIM=dim, BLOCK=block, num_warps=_row_warps(block))
+        DIM=dim, BLOCK=block, num_warps=_row_warps(block), enable_fp_fusion=FP_FUSION)
     return out
 
 
@@ -151,5 +151,5 @@ def gated_residual_triton(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, 
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), gate.stride(0), gate.stride(1),
         out.stride(0), out.stride(1),
         L, tokens_per_frame,
-        DIM=dim, BLOCK=block, num_warps=_row_warps(block))
+        DIM=dim, BLOCK=block, num_warps=_row_warps(block), enable_fp_fusion=FP_FUSION)
     return out

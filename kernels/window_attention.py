@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ._triton_util import (FLOAT_DTYPES, cdiv, check_dtype, check_last_dim_contiguous, check_launchable,
-                           check_same_device, check_shape, compiled, interpreting, next_pow2, tl)
+from ._triton_util import (FLOAT_DTYPES, FP_FUSION, cdiv, check_dtype, check_last_dim_contiguous,
+                           check_launchable, check_same_device, check_shape, compiled, interpreting,
+                           next_pow2, tl)
 from .rope import apply_rope, inv_freqs, rope_angles, rope_split
 
 INVALID_POS = -(2 ** 31)
@@ -309,5 +310,5 @@ def window_attention_triton(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch
         # fp32 inputs get true fp32 products (tf32 would cost ~3 decimal digits)
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         MMA_DTYPE=_mma_dtype(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION)
     return out
