@@ -9,7 +9,7 @@ imported (a test module that sets TRITON_INTERPRET works even if the model impor
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

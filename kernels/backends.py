@@ -23,8 +23,12 @@ import torch.nn.functional as F
 
 from ._triton_util import interpreting, triton_available
 from .kv_write import qk_norm_kv_write_reference, qk_norm_kv_write_triton
-from .norm_modulate import (gated_residual_reference, gated_residual_triton, layernorm_modulate_reference,
-                            layernorm_modulate_triton)
+from .norm_modulate import (
+    gated_residual_reference,
+    gated_residual_triton,
+    layernorm_modulate_reference,
+    layernorm_modulate_triton,
+)
 from .rope import apply_rope, rope_angles
 from .window_attention import INVALID_POS, window_attention_reference, window_attention_triton
 
@@ -48,7 +52,7 @@ def _cuda_capability(device: torch.device) -> tuple[int, int] | None:
 def _flash_attn_module():
     try:
         return importlib.import_module("flash_attn")
-    except Exception:   # ImportError, or a broken build failing to load its CUDA extension
+    except Exception:  # noqa: BLE001 - ImportError, or a broken build failing to load its CUDA extension
         return None
 
 
@@ -162,7 +166,7 @@ def window_attention_flash_attn(q: torch.Tensor, k_ring: torch.Tensor, v_ring: t
         raise RuntimeError("window_attention_flash_attn: the flash_attn package is not importable")
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"window_attention_flash_attn: flash-attn needs fp16 or bf16, got {q.dtype}")
-    B, Lq, H, D = q.shape
+    B, _, H, D = q.shape
     S = slot_pos.shape[1]
     T = grid_h * grid_w
     valid = slot_pos != INVALID_POS

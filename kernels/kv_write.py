@@ -7,8 +7,18 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_util import (FLOAT_DTYPES, FP_FUSION, check_dtype, check_last_dim_contiguous, check_launchable,
-                           check_same_device, check_shape, compiled, next_pow2, tl)
+from ._triton_util import (
+    FLOAT_DTYPES,
+    FP_FUSION,
+    check_dtype,
+    check_last_dim_contiguous,
+    check_launchable,
+    check_same_device,
+    check_shape,
+    compiled,
+    next_pow2,
+    tl,
+)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

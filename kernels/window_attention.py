@@ -14,9 +14,20 @@ from dataclasses import dataclass
 
 import torch
 
-from ._triton_util import (FLOAT_DTYPES, FP_FUSION, cdiv, check_dtype, check_last_dim_contiguous,
-                           check_launchable, check_same_device, check_shape, compiled, interpreting,
-                           next_pow2, tl)
+from ._triton_util import (
+    FLOAT_DTYPES,
+    FP_FUSION,
+    cdiv,
+    check_dtype,
+    check_last_dim_contiguous,
+    check_launchable,
+    check_same_device,
+    check_shape,
+    compiled,
+    interpreting,
+    next_pow2,
+    tl,
+)
 from .rope import apply_rope, inv_freqs, rope_angles, rope_split
 
 INVALID_POS = -(2 ** 31)
@@ -127,7 +138,7 @@ def _window_attention_kernel(
         hw_ang = hw_coord * inv_freq[None, :]
         hw_cos = tl.cos(hw_ang)
         hw_sin = tl.sin(hw_ang)
-        for s in range(0, S):
+        for s in range(S):
             pos = tl.load(slot_pos_ptr + b * stride_sb + s * stride_ss)
             slot_ok = pos != INVALID
             this_slot = slots[:, None] == s

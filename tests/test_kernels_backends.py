@@ -14,12 +14,18 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels import backends  # noqa: E402
-from kernels.backends import (available_backends, flash_attn_supported, select_backend,  # noqa: E402
-                              triton_supported, window_attention, window_attention_sdpa)
-from kernels.kv_write import qk_norm_kv_write_reference  # noqa: E402
-from kernels.norm_modulate import gated_residual_reference, layernorm_modulate_reference  # noqa: E402
-from kernels.window_attention import INVALID_POS, window_attention_reference  # noqa: E402
+from kernels import backends
+from kernels.backends import (
+    available_backends,
+    flash_attn_supported,
+    select_backend,
+    triton_supported,
+    window_attention,
+    window_attention_sdpa,
+)
+from kernels.kv_write import qk_norm_kv_write_reference
+from kernels.norm_modulate import gated_residual_reference, layernorm_modulate_reference
+from kernels.window_attention import INVALID_POS, window_attention_reference
 
 X = INVALID_POS
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -22,8 +22,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
-from kernels._triton_util import interpreting  # noqa: E402
-from kernels.kv_write import qk_norm_kv_write_reference, qk_norm_kv_write_triton  # noqa: E402
+from kernels._triton_util import interpreting
+from kernels.kv_write import qk_norm_kv_write_reference, qk_norm_kv_write_triton
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu" and not interpreting():

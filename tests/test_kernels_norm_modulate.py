@@ -20,9 +20,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
-from kernels._triton_util import interpreting  # noqa: E402
-from kernels.norm_modulate import (gated_residual_reference, gated_residual_triton,  # noqa: E402
-                                   layernorm_modulate_reference, layernorm_modulate_triton)
+from kernels._triton_util import interpreting
+from kernels.norm_modulate import (
+    gated_residual_reference,
+    gated_residual_triton,
+    layernorm_modulate_reference,
+    layernorm_modulate_triton,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu" and not interpreting():

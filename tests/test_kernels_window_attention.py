@@ -22,9 +22,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
-from kernels._triton_util import interpreting  # noqa: E402
-from kernels.window_attention import (INVALID_POS, AttentionConfig, window_attention_reference,  # noqa: E402
-                                      window_attention_triton)
+from kernels._triton_util import interpreting
+from kernels.window_attention import (
+    INVALID_POS,
+    AttentionConfig,
+    window_attention_reference,
+    window_attention_triton,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu" and not interpreting():
@@ -70,13 +74,13 @@ def check(out, ref_inputs, grid, dtype):
 # Slots out of temporal order (ring wrap-around), empty slots, positions far beyond 1024 frames.
 CASES = {
     # grid 3x5: T = 15 (odd, below one key tile); Lq = 30 is not a multiple of the query tile
-    "T15_wrap_far": dict(B=2, H=2, D=32, grid=(3, 5),
-                         slot_pos=[[0, 1, 5003, 5001, X, 5002], [4, X, 0, 1, 2, 3]],
-                         q_pos=[[5002, 5003], [3, 4]]),
+    "T15_wrap_far": {"B": 2, "H": 2, "D": 32, "grid": (3, 5),
+                     "slot_pos": [[0, 1, 5003, 5001, X, 5002], [4, X, 0, 1, 2, 3]],
+                     "q_pos": [[5002, 5003], [3, 4]]},
     # T = 20 spans two key tiles, the second partial; head_dim 48 is not a power of two
-    "T20_D48": dict(B=1, H=2, D=48, grid=(4, 5), slot_pos=[[7, X, 5, 6]], q_pos=[[7]]),
+    "T20_D48": {"B": 1, "H": 2, "D": 48, "grid": (4, 5), "slot_pos": [[7, X, 5, 6]], "q_pos": [[7]]},
     # T = 6, three query frames, head_dim 64, rolling positions with a negative one
-    "T6_D64": dict(B=1, H=1, D=64, grid=(2, 3), slot_pos=[[2, -1, 0, X, 1]], q_pos=[[0, 1, 2]]),
+    "T6_D64": {"B": 1, "H": 1, "D": 64, "grid": (2, 3), "slot_pos": [[2, -1, 0, X, 1]], "q_pos": [[0, 1, 2]]},
 }
 
 
