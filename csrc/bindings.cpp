@@ -271,7 +271,8 @@ void bind_plan(py::module_& m) {
       .def_property_readonly("deps", &plan_deps)
       .def_readonly("num_lanes", &Plan::num_lanes)
       .def_readonly("history", &Plan::history);
-  m.def("make_plan", [](const std::vector<PyStage>& stages, int num_lanes) { return make_plan(to_specs(stages), num_lanes); },
+  m.def("make_plan",
+        [](const std::vector<PyStage>& stages, int num_lanes) { return make_plan(to_specs(stages), num_lanes); },
         py::arg("stages"), py::arg("num_lanes"),
         "Validate (name, lane, [(dep, block_offset), ...]) stage specs; raises ValueError on a bad graph.");
 }

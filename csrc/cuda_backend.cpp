@@ -148,7 +148,8 @@ class CudaBackend final : public Backend {
     for (int s : launched) {
       cudaError_t err = timeout_s < 0 ? cudaEventSynchronize(blk->events[s]) : poll_event(blk->events[s], deadline);
       if (err == cudaErrorNotReady)
-        throw WaitTimeout("block " + std::to_string(blk->index) + " not done after " + std::to_string(timeout_s) + " s");
+        throw WaitTimeout("block " + std::to_string(blk->index) + " not done after " +
+                          std::to_string(timeout_s) + " s");
       if (err != cudaSuccess) record_device_failure(*blk, s, err);
     }
     std::lock_guard<std::mutex> lk(mu_);

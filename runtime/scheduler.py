@@ -27,7 +27,7 @@ import atexit
 import dataclasses
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 try:
     from . import _scheduler as _ext
@@ -37,11 +37,11 @@ except ImportError as _err:  # the C++ extension is not built (pip install -e . 
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["Stage", "Scheduler", "StageError", "Cancelled", "Plan", "prev", "plan", "compiled_backends",
-           "on_stream", "extension_available"]
+__all__ = ["Cancelled", "Plan", "Scheduler", "Stage", "StageError", "compiled_backends",
+           "extension_available", "on_stream", "plan", "prev"]
 
-Dep = Union[str, tuple[str, int]]
-Lane = Union[str, int]
+Dep = str | tuple[str, int]
+Lane = str | int
 
 if _ext is not None:
     StageError = _ext.StageError
@@ -118,6 +118,9 @@ def _specs(stages: Sequence[Stage], lane_ids: list[int]) -> list[tuple[str, int,
     for s in stages:
         if not isinstance(s, Stage):
             raise TypeError(f"expected Stage, got {type(s).__name__}")
+        if isinstance(s.deps, (str, bytes)):
+            raise TypeError(f"stage {s.name!r}: deps must be a sequence of dependencies, "
+                            f"got the string {s.deps!r}")
     return [(s.name, lane, [_dep_pair(s.name, d) for d in s.deps]) for s, lane in zip(stages, lane_ids)]
 
 
@@ -193,8 +196,9 @@ class Scheduler:
         by default the cuda backend creates its own non-blocking streams.
     """
 
-    def __init__(self, stages: Sequence[Stage], backend: str = "host", lanes: int | Sequence[Lane] | None = None,
-                 *, device: int | None = None, streams: Sequence[Any] | None = None):
+    def __init__(self, stages: Sequence[Stage], backend: str = "host",
+                 lanes: int | Sequence[Lane] | None = None, *, device: int | None = None,
+                 streams: Sequence[Any] | None = None):
         ext = _require_ext()
         if backend not in ("host", "cuda"):
             raise ValueError(f"unknown backend {backend!r}: expected 'host' or 'cuda'")
@@ -254,7 +258,7 @@ class Scheduler:
         """Cancel and stop the lane workers / release the streams. Idempotent."""
         self._core.close()
 
-    def __enter__(self) -> Scheduler:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:

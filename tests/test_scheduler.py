@@ -6,6 +6,7 @@ ran, so every property is checked on a recorded trace against dependencies writt
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import shutil
 import subprocess
@@ -38,7 +39,8 @@ class Trace:
         self.rows: list[tuple[int, str, str, float, float]] = []
 
     def stage(self, name, lane, seconds=0.0, deps=(), fail_on=None, gate=None):
-        """A stage that sleeps `seconds`, raises on block `fail_on`, or blocks on `gate` = (block, entered, go)."""
+        """A stage that sleeps `seconds`, raises on block `fail_on`, or, on block gate[0], sets
+        gate[1] and waits for gate[2]."""
 
         def run(block, inputs, stream):
             assert stream is None  # host backend: no CUDA stream
@@ -143,6 +145,8 @@ def test_bad_lanes_works_and_backends_are_rejected():
         sch.Scheduler([sch.Stage("a", noop)], backend="tpu")
     with pytest.raises(TypeError, match="dependency"):
         sch.Scheduler([sch.Stage("a", noop, deps=[("a", "prev")])])
+    with pytest.raises(TypeError, match="deps must be a sequence"):
+        sch.Scheduler([sch.Stage("a", noop), sch.Stage("b", noop, deps="a")])
 
 
 # ---------------------------------------------------------------- order and overlap
@@ -156,7 +160,8 @@ def test_trace_respects_every_dependency_and_lane_order():
     deps = {"feat": [sch.prev("step0")], "step0": ["feat", sch.prev("refresh"), sch.prev("decode", 2)],
             "step1": ["step0"], "refresh": ["step1"], "decode": ["step1", sch.prev("decode")]}
     lanes = {"feat": "audio", "decode": "decode"}
-    stages = [trace.stage(n, lanes.get(n, "denoise"), 0.02 if n == "decode" else 0.002, d) for n, d in deps.items()]
+    stages = [trace.stage(n, lanes.get(n, "denoise"), 0.02 if n == "decode" else 0.002, d)
+              for n, d in deps.items()]
     blocks = 5
     with sch.Scheduler(stages) as s:
         assert s.plan.history == 2 and s.lanes == ("audio", "denoise", "decode")
@@ -175,7 +180,7 @@ def test_trace_respects_every_dependency_and_lane_order():
         rows = sorted((r for r in trace.rows if r[2] == lane), key=lambda r: r[3])
         ran = [(r[0], r[1]) for r in rows]
         assert ran == sorted(ran, key=lambda k: (k[0], STAGE_ORDER.index(k[1])))
-        assert all(a[4] <= b[3] for a, b in zip(rows, rows[1:]))
+        assert all(a[4] <= b[3] for a, b in itertools.pairwise(rows))
 
 
 def test_block_b_plus_1_denoises_while_block_b_decodes():
@@ -381,10 +386,11 @@ def test_cuda_backend_launch_logic_on_a_simulated_runtime(tmp_path):
     exe = tmp_path / "cuda_backend_test"
     sources = [os.path.join(csrc, f) for f in ("cuda_backend.cpp", "tests/sim_cudart.cpp",
                                                 "tests/cuda_backend_test.cpp")]
-    build = subprocess.run([cxx, "-std=c++17", "-O1", "-pthread", f"-I{csrc}", f"-I{csrc}/tests", f"-I{include}",
-                            "-DAVATAR_SCHED_WITH_CUDA=1", *sources, "-o", str(exe)],
-                           capture_output=True, text=True, timeout=600)
+    flags = ["-std=c++17", "-O1", "-pthread", f"-I{csrc}", f"-I{csrc}/tests", f"-I{include}",
+             "-DAVATAR_SCHED_WITH_CUDA=1"]
+    build = subprocess.run([cxx, *flags, *sources, "-o", str(exe)],
+                           check=False, capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr[-4000:]
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    run = subprocess.run([str(exe)], check=False, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "all tests passed" in run.stdout

@@ -202,7 +202,8 @@ class HostBackend final : public Backend {
       error = std::current_exception();
     }
     std::shared_ptr<const Failure> failure;
-    if (error) failure = std::make_shared<Failure>(Failure{plan_.stages[s].name, blk.index, describe_exception(error), error});
+    if (error)
+      failure = std::make_shared<Failure>(Failure{plan_.stages[s].name, blk.index, describe_exception(error), error});
     lk.lock();
     --running_;
     // The first failure of a block wins; a second one (a parallel lane) is only dropped.

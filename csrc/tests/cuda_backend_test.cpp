@@ -145,8 +145,9 @@ void test_order_overlap_and_async_launch() {
   CHECK(ran_at_submit < static_cast<size_t>(blocks) * 5);  // launching never waited for the device
   CHECK(p.trace.rows.size() == static_cast<size_t>(blocks) * 5);
   struct Edge { const char* src; const char* dst; int gap; };
-  const Edge edges[] = {{"feat", "step0", 0}, {"step0", "feat", 1}, {"refresh", "step0", 1}, {"decode", "step0", 2},
-                        {"step0", "step1", 0}, {"step1", "refresh", 0}, {"step1", "decode", 0}, {"decode", "decode", 1}};
+  const Edge edges[] = {{"feat", "step0", 0},  {"step0", "feat", 1},    {"refresh", "step0", 1},
+                        {"decode", "step0", 2}, {"step0", "step1", 0},   {"step1", "refresh", 0},
+                        {"step1", "decode", 0}, {"decode", "decode", 1}};
   for (int b = 0; b < blocks; ++b)
     for (const Edge& e : edges)
       if (b + e.gap < blocks) CHECK(p.trace.find(b, e.src)->end <= p.trace.find(b + e.gap, e.dst)->start);
