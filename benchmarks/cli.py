@@ -1,0 +1,161 @@
+"""`avatar bench`: end-to-end and DiT-only figures of one preset, a short table, and JSON.
+
+Random weights of the preset's real shapes (speed does not depend on weight values), so the 1.3B
+shape is measured on a GPU with no checkpoint. `--compare-upstream` adds the plain eager path
+structured like upstream (benchmarks/upstream_path.py) on the same weights, shapes and inputs, and
+the ratio of the two, in the same run. Only typer is imported at module level: `avatar --help`
+stays fast, and torch loads when the command runs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+_DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_SECONDS = {"livetalk-1.3b": 15.0}   # others: 6 s (CPU-sized presets)
+
+
+def run_bench(engine, seconds: float, chunk_ms: float = 40.0, warmup_blocks: int = 2, rounds: int = 1,
+              dit_blocks: int = 8, compare_upstream: bool = False, seed: int = 0,
+              peak_tflops: float | None = None) -> dict:
+    """Measure `engine` end to end and DiT only (and the upstream path); returns the JSON report."""
+    from runtime.flops import PEAK_TFLOPS_BF16
+    from runtime.profiling import profile_session
+
+    from .harness import DitSetup, RingRunner, environment, measure_dit, measure_engine, settings
+    from .upstream_path import UpstreamRunner
+
+    peak = PEAK_TFLOPS_BF16 if peak_tflops is None else peak_tflops
+    results = {}
+    with profile_session(name="bench"):  # a torch.profiler trace only when AVATAR_TORCH_PROFILE is set
+        results["e2e"] = measure_engine(engine, seconds, chunk_ms, warmup_blocks, rounds, seed, peak, context=False)
+        setup = DitSetup.from_engine(engine, seed)
+        paths = [("dit", RingRunner)] + ([("dit_upstream", UpstreamRunner)] if compare_upstream else [])
+        for key, make_runner in paths:  # one runner (and its KV cache) alive at a time
+            results[key] = measure_dit(make_runner(setup), setup, dit_blocks, warmup_blocks, rounds, seed, peak,
+                                       context=False)
+    report = {
+        "tool": "avatar bench",
+        "environment": environment(engine.device),
+        "settings": {**settings(engine.config, engine.device, engine.dtype, engine.ops.name),
+                     "seconds": seconds, "chunk_ms": chunk_ms, "warmup_blocks": warmup_blocks, "rounds": rounds,
+                     "dit_blocks": dit_blocks, "seed": seed, "peak_tflops": peak, "random_weights": True},
+        "results": results,
+    }
+    if compare_upstream:
+        ours, up = results["dit"], results["dit_upstream"]
+        report["upstream_ratio"] = {
+            "meaning": "upstream time / our time, DiT only, same run (> 1: ours is faster)",
+            "dit_p50": up["p50_block_ms"] / ours["p50_block_ms"],
+            "dit_first_frame": up["first_frame_ms"] / ours["first_frame_ms"],
+        }
+    return report
+
+
+COLUMNS = ("p50 ms", "p99 ms", "FPS", "first-frame ms", "peak MB", "TFLOP/s", "% floor")
+
+
+def format_table(report: dict) -> str:
+    """One row per measurement, then the upstream ratio; a header naming where and how it ran."""
+    env, st = report["environment"], report["settings"]
+    w = st["window"]
+    where = env["gpu_name"] or f"CPU ({env['cpu']}, {env['cpu_threads']} threads)"
+    lines = [f"{st['preset']} {st['resolution']} {st['dtype']} on {where}"
+             + (f", driver {env['gpu_driver']}" if env["gpu_driver"] else "")
+             + f"; torch {env['torch_version']}, triton {env['triton_version']}; commit {env['commit']}",
+             (f"window: block {w['block_frames']}, sink {w['sink_frames']}, {w['window_frames']} latent frames "
+              f"({w['window_tokens']} tokens); backend {st['backend']}; timer {_timer(report)}"), ""]
+    rows = [[f"{r['kind']} {r['path']}", f"{r['p50_block_ms']:.1f}", f"{r['p99_block_ms']:.1f}", f"{r['fps']:.2f}",
+             f"{r['first_frame_ms']:.1f}", f"{r['peak_memory_mb']:.0f}", _tflops(r['achieved_tflops']),
+             f"{100 * r['fraction_of_floor']:.2g}"] for r in report["results"].values()]
+    header = ["measurement", *COLUMNS]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        lines.append("  ".join([row[0].ljust(widths[0])] + [c.rjust(wd) for c, wd in zip(row[1:], widths[1:])]))
+    if "upstream_ratio" in report:
+        ratio = report["upstream_ratio"]
+        lines.append(f"upstream / ours (DiT only): {ratio['dit_p50']:.2f}x per block (p50), "
+                     f"{ratio['dit_first_frame']:.2f}x first block")
+    return "\n".join(lines)
+
+
+def _timer(report: dict) -> str:
+    return next(iter(report["results"].values()))["timer"]
+
+
+def _tflops(value: float) -> str:
+    return f"{value:.1f}" if value >= 1 else f"{value:.3g}"
+
+
+def _build_engine(preset: str, device: str | None, dtype: str | None, backend: str, seed: int):
+    import torch
+
+    from runtime.config import PRESETS, EngineConfig
+    from runtime.engine import Engine
+
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}",
+                                 param_hint="--preset")
+    if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"device must be cpu or cuda[:N], got {device!r}", param_hint="--device")
+    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+        raise typer.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    if dtype is not None and dtype not in _DTYPES:
+        raise typer.BadParameter(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
+    try:
+        return Engine.random(EngineConfig.from_preset(preset), device=device,
+                             dtype=getattr(torch, dtype) if dtype else None, backend=backend, seed=seed)
+    except ValueError as e:  # e.g. a backend this device cannot run
+        raise typer.BadParameter(str(e), param_hint="--backend") from e
+
+
+def bench(
+    preset: Annotated[str, typer.Option("--preset", help="Config preset (tiny, livetalk-1.3b, ...): random "
+                                        "weights of its real shapes.")] = "tiny",
+    device: Annotated[str | None, typer.Option("--device", help="cpu or cuda[:N] (default: cuda if available).")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help=f"One of {', '.join(_DTYPES)} "
+                                              "(default: bfloat16 on cuda, float32 on cpu).")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="DiT ops backend (auto picks the fastest available).")]
+    = "auto",
+    seconds: Annotated[float | None, typer.Option("--seconds", min=0.1, help="Audio per end-to-end round "
+                                                  "(default 15 for livetalk-1.3b, else 6).")] = None,
+    chunk_ms: Annotated[float, typer.Option("--chunk-ms", min=1.0, help="Audio pushed per step() call.")] = 40.0,
+    warmup_blocks: Annotated[int, typer.Option("--warmup-blocks", min=0, help="Untimed blocks first.")] = 2,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Measured sessions (medians over all).")] = 1,
+    dit_blocks: Annotated[int, typer.Option("--dit-blocks", min=1, help="Steady-state DiT blocks per round.")] = 8,
+    json_out: Annotated[Path | None, typer.Option("--json", dir_okay=False, help="Write the report here.")] = None,
+    compare_upstream: Annotated[bool, typer.Option("--compare-upstream", help="Also time the plain eager "
+                                                   "upstream-structured DiT path and print the ratio.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Weights, inputs and session seed.")] = 0,
+    peak_tflops: Annotated[float | None, typer.Option("--peak-tflops", min=1e-9, help="Rate the floor assumes "
+                                                      "(default 790, dense bf16 on H100/H200).")] = None,
+) -> None:
+    """Measure per-block latency, FPS, first-frame latency, memory and TFLOP/s; print a table, write JSON."""
+    engine = _build_engine(preset, device, dtype, backend, seed)
+    from .harness import blocks_in_audio, seconds_for_blocks
+
+    secs = DEFAULT_SECONDS.get(preset, 6.0) if seconds is None else seconds
+    cfg = engine.config
+    if blocks_in_audio(cfg, round(secs * cfg.audio.sample_rate)) < 2:
+        raise typer.BadParameter(f"{secs} s of audio gives fewer than 2 blocks; need >= "
+                                 f"{seconds_for_blocks(cfg, 2):.3f} s", param_hint="--seconds")
+    if engine.device.type == "cpu" and preset == "livetalk-1.3b":
+        typer.secho("NOTE: the 1.3B shape on the CPU takes minutes per block; use --device cuda.",
+                    fg=typer.colors.YELLOW, err=True)
+    report = run_bench(engine, secs, chunk_ms, warmup_blocks, rounds, dit_blocks, compare_upstream, seed, peak_tflops)
+    typer.echo(format_table(report))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+        typer.echo(f"wrote {json_out}")
+
+
+# Standalone: `python -m benchmarks.cli --preset tiny` (the same command `avatar bench` mounts).
+app = typer.Typer(add_completion=False)
+app.command()(bench)
+
+if __name__ == "__main__":
+    app()
