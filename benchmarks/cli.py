@@ -90,15 +90,31 @@ def _tflops(value: float) -> str:
     return f"{value:.1f}" if value >= 1 else f"{value:.3g}"
 
 
-def _build_engine(preset: str, device: str | None, dtype: str | None, backend: str, seed: int):
-    import torch
-
+def _config(preset: str, resolution: str | None):
+    """The preset's config, at `resolution` ("HxW", e.g. 480x832) when given."""
     from runtime.config import PRESETS, EngineConfig
-    from runtime.engine import Engine
 
     if preset not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}",
                                  param_hint="--preset")
+    cfg = EngineConfig.from_preset(preset)
+    if resolution is None:
+        return cfg
+    parts = resolution.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise typer.BadParameter(f"resolution must be HxW (e.g. 480x832), got {resolution!r}",
+                                 param_hint="--resolution")
+    try:
+        return cfg.replace(height=int(parts[0]), width=int(parts[1]))
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--resolution") from e
+
+
+def _build_engine(cfg, device: str | None, dtype: str | None, backend: str, seed: int):
+    import torch
+
+    from runtime.engine import Engine
+
     if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
         raise typer.BadParameter(f"device must be cpu or cuda[:N], got {device!r}", param_hint="--device")
     if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
@@ -106,7 +122,7 @@ def _build_engine(preset: str, device: str | None, dtype: str | None, backend: s
     if dtype is not None and dtype not in _DTYPES:
         raise typer.BadParameter(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
     try:
-        return Engine.random(EngineConfig.from_preset(preset), device=device,
+        return Engine.random(cfg, device=device,
                              dtype=getattr(torch, dtype) if dtype else None, backend=backend, seed=seed)
     except ValueError as e:  # e.g. a backend this device cannot run
         raise typer.BadParameter(str(e), param_hint="--backend") from e
@@ -115,6 +131,8 @@ def _build_engine(preset: str, device: str | None, dtype: str | None, backend: s
 def bench(
     preset: Annotated[str, typer.Option("--preset", help="Config preset (tiny, livetalk-1.3b, ...): random "
                                         "weights of its real shapes.")] = "tiny",
+    resolution: Annotated[str | None, typer.Option("--resolution", help="HxW instead of the preset's "
+                                                   "(e.g. 480x832).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu or cuda[:N] (default: cuda if available).")] = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help=f"One of {', '.join(_DTYPES)} "
                                               "(default: bfloat16 on cuda, float32 on cpu).")] = None,
@@ -134,7 +152,7 @@ def bench(
                                                       "(default 790, dense bf16 on H100/H200).")] = None,
 ) -> None:
     """Measure per-block latency, FPS, first-frame latency, memory and TFLOP/s; print a table, write JSON."""
-    engine = _build_engine(preset, device, dtype, backend, seed)
+    engine = _build_engine(_config(preset, resolution), device, dtype, backend, seed)
     from .harness import blocks_in_audio, seconds_for_blocks
 
     secs = DEFAULT_SECONDS.get(preset, 6.0) if seconds is None else seconds

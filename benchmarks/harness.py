@@ -129,7 +129,8 @@ def settings(cfg: EngineConfig, device, dtype: torch.dtype, backend: str) -> dic
         "preset": cfg.name,
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
-        "resolution": f"{cfg.width}x{cfg.height}",
+        "resolution": f"{cfg.height}x{cfg.width}",   # HxW, as the spec's tables
+        "height": cfg.height, "width": cfg.width,
         "video_fps": cfg.fps,
         "backend": backend,
         "window": {"block_frames": c.block_frames, "sink_frames": c.sink_frames,
@@ -478,7 +479,8 @@ class DitBench:
         self.runner.prefill(self.start, self.seed)
         for k in range(self.warmup_blocks):
             self.runner.run_block(self.start + k, self.steady[k % self.blocks])
-        self.timer.resolve()  # a sync on CUDA: the warm-up is finished before anything is timed
+        if self.setup.device.type == "cuda":  # the warm-up is finished before anything is timed
+            torch.cuda.synchronize(self.setup.device)
 
     def prepare(self) -> None:
         self.runner.reset()

@@ -221,8 +221,8 @@ runner = CliRunner()
 def test_cli_writes_json_with_upstream_ratio(tmp_path):
     cfg = EngineConfig.from_preset("micro")
     out = tmp_path / "sub" / "bench.json"
-    args = ["--preset", "micro", "--device", "cpu", "--seconds", str(seconds_for_blocks(cfg, 3)),
-            "--warmup-blocks", "1", "--dit-blocks", "2", "--compare-upstream", "--json", str(out)]
+    args = ["--preset", "micro", "--resolution", "16x32", "--device", "cpu",
+            "--seconds", str(seconds_for_blocks(cfg, 3)), "--warmup-blocks", "1", "--dit-blocks", "2", "--compare-upstream", "--json", str(out)]
     result = runner.invoke(bench_cli.app, args)
     assert result.exit_code == 0, result.output
     for column in bench_cli.COLUMNS:
@@ -232,7 +232,7 @@ def test_cli_writes_json_with_upstream_ratio(tmp_path):
     assert set(report["results"]) == {"e2e", "dit", "dit_upstream"}
     for key, res in report["results"].items():
         _check_fields({**report["environment"], **report["settings"], **res}, key)
-    assert report["results"]["e2e"]["blocks_measured"] == 2
+    assert report["results"]["e2e"]["blocks_measured"] == 2 and report["settings"]["resolution"] == "16x32"
     ratio = report["upstream_ratio"]
     up, ours = report["results"]["dit_upstream"], report["results"]["dit"]
     assert ratio["dit_p50"] == pytest.approx(up["p50_block_ms"] / ours["p50_block_ms"])
@@ -243,6 +243,8 @@ def test_cli_writes_json_with_upstream_ratio(tmp_path):
     (["--preset", "micro", "--device", "tpu"], "device must be cpu or cuda"),
     (["--preset", "micro", "--device", "cpu", "--dtype", "float64"], "dtype must be one of"),
     (["--preset", "micro", "--device", "cpu", "--seconds", "0.5"], "fewer than 2 blocks"),
+    (["--preset", "micro", "--resolution", "48"], "resolution must be HxW"),
+    (["--preset", "micro", "--resolution", "40x40"], "multiples of 16"),
 ])
 def test_cli_rejects_bad_input(args, message):
     result = runner.invoke(bench_cli.app, args)
