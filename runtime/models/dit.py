@@ -159,7 +159,7 @@ class CausalAudioDiT(nn.Module):
         _, ph, pw = self.cfg.patch_size
         grid = (lh // ph, lw // pw)
         T = grid[0] * grid[1]
-        h = self.patch_embedding(x).flatten(2).transpose(1, 2)            # [B, F*T, dim]
+        h = self.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()  # [B, F*T, dim]
         first_audio = self.cfg.audio_layers[0]
         for i, blk in enumerate(self.blocks):
             if i in self.cfg.audio_layers:

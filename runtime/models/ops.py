@@ -1,19 +1,22 @@
-"""The DiT's hot ops behind one small interface, so an attention/kernel backend is a choice, not a rewrite.
+"""The DiT's hot ops behind one small interface, so a kernel backend is a choice, not a rewrite.
 
-`Ops` (the `reference` backend) is eager fp32 math from `kernels/*_reference`; `ops_for(backend)`
-returns the variant for `sdpa`, `triton` or `flash_attn`. Every variant has the same signatures.
+`Ops` (the `reference` backend) is eager fp32 math from `kernels/*_reference`. `ops_for(backend,
+device)` resolves the backend by device capability (kernels.backends.select_backend, which logs the
+choice; never by GPU name) and returns the class of ops to use. Every variant has the same signatures.
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from kernels.kv_write import qk_norm_kv_write_reference, rms_norm_reference
-from kernels.norm_modulate import gated_residual_reference, layernorm_modulate_reference
-from kernels.window_attention import window_attention_reference
-
-log = logging.getLogger(__name__)
+from kernels import backends
+from kernels.kv_write import qk_norm_kv_write_reference, qk_norm_kv_write_triton, rms_norm_reference
+from kernels.norm_modulate import (
+    gated_residual_reference,
+    gated_residual_triton,
+    layernorm_modulate_reference,
+    layernorm_modulate_triton,
+)
+from kernels.window_attention import window_attention_reference, window_attention_triton
 
 
 class Ops:
@@ -40,9 +43,47 @@ class Ops:
         return gated_residual_reference(x, y, gate, tokens_per_frame)
 
 
-def ops_for(backend: str = "reference", device: torch.device | str = "cpu") -> type[Ops]:
-    """The ops class for a backend name (`reference` for now; kernels/backends.py adds the others)."""
-    if backend in ("reference", "auto"):
-        log.info("DiT ops backend: reference (eager fp32) on %s", device)
-        return Ops
-    raise ValueError(f"unknown ops backend {backend!r}")
+class SdpaOps(Ops):
+    """torch SDPA over the roped ring (torch picks its fused kernel); the other ops eager."""
+    name = "sdpa"
+
+    @staticmethod
+    def window_attention(q, ring_k, ring_v, slot_pos, q_pos, grid, theta):
+        return backends.window_attention_sdpa(q, ring_k, ring_v, slot_pos, q_pos, grid[0], grid[1], theta)
+
+
+class FlashAttnOps(Ops):
+    name = "flash_attn"
+
+    @staticmethod
+    def window_attention(q, ring_k, ring_v, slot_pos, q_pos, grid, theta):
+        return backends.window_attention_flash_attn(q, ring_k, ring_v, slot_pos, q_pos, grid[0], grid[1], theta)
+
+
+class TritonOps(Ops):
+    """The fused Triton kernels: in-kernel RoPE over the ring, fused qk-norm + KV write, fused norms."""
+    name = "triton"
+
+    @staticmethod
+    def qk_norm_kv_write(q, k, v, q_weight, k_weight, eps, ring_k, ring_v, write_slots):
+        return qk_norm_kv_write_triton(q, k, v, q_weight, k_weight, eps, ring_k, ring_v, write_slots)
+
+    @staticmethod
+    def window_attention(q, ring_k, ring_v, slot_pos, q_pos, grid, theta):
+        return window_attention_triton(q, ring_k, ring_v, slot_pos, q_pos, grid[0], grid[1], theta)
+
+    @staticmethod
+    def layernorm_modulate(x, shift, scale, tokens_per_frame, eps):
+        return layernorm_modulate_triton(x, shift, scale, tokens_per_frame, eps)
+
+    @staticmethod
+    def gated_residual(x, y, gate, tokens_per_frame):
+        return gated_residual_triton(x, y, gate, tokens_per_frame)
+
+
+_BY_NAME = {cls.name: cls for cls in (Ops, SdpaOps, FlashAttnOps, TritonOps)}
+
+
+def ops_for(backend: str = "auto", device: torch.device | str = "cpu") -> type[Ops]:
+    """The ops class for `backend` on `device` ("auto" picks by capability; the choice is logged)."""
+    return _BY_NAME[backends.select_backend(device, backend)]
