@@ -2,8 +2,18 @@
 from .config import AudioConfig, CacheConfig, DiTConfig, EngineConfig, SamplerConfig, VAEConfig
 from .models.dit import CausalAudioDiT, build_dit
 
-__all__ = ["AudioConfig", "CacheConfig", "DiTConfig", "EngineConfig", "SamplerConfig", "VAEConfig",
-           "CausalAudioDiT", "build_dit", "Engine", "VideoBlock"]
+__all__ = [
+    "AudioConfig",
+    "CacheConfig",
+    "CausalAudioDiT",
+    "DiTConfig",
+    "Engine",
+    "EngineConfig",
+    "SamplerConfig",
+    "VAEConfig",
+    "VideoBlock",
+    "build_dit",
+]
 
 
 def __getattr__(name):

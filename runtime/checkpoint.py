@@ -82,7 +82,7 @@ def read_state_dict(path: str | Path, device: str = "cpu") -> dict[str, torch.Te
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """Remove `prefix` from every key that has it (e.g. 'model.' or 'base_model.model.')."""
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    return {k.removeprefix(prefix): v for k, v in state.items()}
 
 
 def check_keys(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str = "model") -> None:

@@ -239,14 +239,14 @@ class EngineConfig:
         return self.video_frames_in_block(0) + (block_index - 1) * self.video_frames_in_block(1)
 
     @classmethod
-    def from_preset(cls, name: str) -> "EngineConfig":
+    def from_preset(cls, name: str) -> EngineConfig:
         try:
             factory = PRESETS[name]
         except KeyError:
             raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
         return factory()
 
-    def replace(self, **changes) -> "EngineConfig":
+    def replace(self, **changes) -> EngineConfig:
         return dataclasses.replace(self, **changes)
 
 

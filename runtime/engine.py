@@ -79,7 +79,7 @@ class Engine:
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path_or_preset: str, device=None, dtype=None, backend: str = "auto",
-                        seed: int = 0) -> "Engine":
+                        seed: int = 0) -> Engine:
         """A preset name gives random weights (seeded); a directory gives the LiveTalk release files."""
         if path_or_preset in PRESETS and not Path(path_or_preset).exists():
             return cls.random(EngineConfig.from_preset(path_or_preset), device, dtype, backend, seed)
@@ -90,7 +90,7 @@ class Engine:
 
     @classmethod
     def random(cls, config: EngineConfig, device=None, dtype=None, backend: str = "auto",
-               seed: int = 0) -> "Engine":
+               seed: int = 0) -> Engine:
         """Random weights of the configured shapes: tests, demos and speed measurements."""
         device, dtype = _default_device_dtype(device, dtype)
         torch.manual_seed(seed)
@@ -101,7 +101,7 @@ class Engine:
         return cls._assemble(config, dit, vae, audio, device, dtype, backend)
 
     @classmethod
-    def _assemble(cls, config, dit, vae, audio, device, dtype, backend) -> "Engine":
+    def _assemble(cls, config, dit, vae, audio, device, dtype, backend) -> Engine:
         vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
         audio = audio.to(device=device, dtype=dtype).eval().requires_grad_(False)
         return cls(config, dit, vae, audio, device=device, dtype=dtype, backend=backend)

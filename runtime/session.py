@@ -78,7 +78,7 @@ class KVRing:
     v: torch.Tensor
 
     @classmethod
-    def allocate(cls, cfg: EngineConfig, batch: int, device, dtype) -> "KVRing":
+    def allocate(cls, cfg: EngineConfig, batch: int, device, dtype) -> KVRing:
         d = cfg.dit
         shape = (d.num_layers, batch, cfg.cache.window_frames * cfg.tokens_per_frame, d.num_heads, d.head_dim)
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
@@ -99,7 +99,7 @@ class StaticPlan:
     plan: BlockPlan
 
     @classmethod
-    def allocate(cls, cache: CacheConfig, batch: int, device) -> "StaticPlan":
+    def allocate(cls, cache: CacheConfig, batch: int, device) -> StaticPlan:
         return cls(plan_to(plan_block(0, cache, batch), device))
 
     def update(self, plan: BlockPlan) -> BlockPlan:

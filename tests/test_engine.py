@@ -1,7 +1,6 @@
 """Engine behaviour: chunking invariance, the offline oracle end to end, bad input, flush."""
 import numpy as np
 import pytest
-import torch
 
 from runtime import Engine
 from runtime.media import synth_speech_like

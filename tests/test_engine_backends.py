@@ -1,7 +1,6 @@
 """The engine with each kernel backend equals the engine with the eager reference backend."""
 import numpy as np
 import pytest
-import torch
 
 from runtime import Engine
 from runtime.config import CacheConfig, EngineConfig

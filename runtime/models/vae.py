@@ -31,13 +31,13 @@ Size: the release decoder has 32 cache entries; at 512x512 (latent 64x64), batch
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.modules.utils import _triple
 
 from runtime.config import VAEConfig
 
-__all__ = ["CACHE_T", "LATENT_MEAN", "LATENT_STD", "WanVAE", "StreamingVAEDecoder"]
+__all__ = ["CACHE_T", "LATENT_MEAN", "LATENT_STD", "StreamingVAEDecoder", "WanVAE"]
 
 CACHE_T = 2  # past frames kept per temporal site (temporal kernel 3 - 1)
 
@@ -90,7 +90,7 @@ class _UpstreamCache:
         self.slots: list = []
         self.pos = 0
 
-    def begin_chunk(self) -> "_UpstreamCache":
+    def begin_chunk(self) -> _UpstreamCache:
         self.pos = 0
         return self
 
@@ -103,7 +103,7 @@ class _UpstreamCache:
         self.slots[self.pos] = value
         self.pos += 1
 
-    def conv(self, conv: "CausalConv3d", x: torch.Tensor) -> torch.Tensor:
+    def conv(self, conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
         past = self._get()
         keep = x[:, :, -CACHE_T:]
         if keep.shape[2] < CACHE_T and past is not None:
@@ -112,7 +112,7 @@ class _UpstreamCache:
         self._put(keep.clone())
         return out
 
-    def time_upsample(self, conv: "CausalConv3d", x: torch.Tensor) -> torch.Tensor | None:
+    def time_upsample(self, conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor | None:
         past = self._get()
         if past is None:  # first chunk: no temporal upsampling
             self._put(_REP)
@@ -125,7 +125,7 @@ class _UpstreamCache:
         self._put(keep.clone())
         return out
 
-    def time_downsample(self, conv: "CausalConv3d", x: torch.Tensor) -> torch.Tensor:
+    def time_downsample(self, conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
         past = self._get()
         if past is None:  # first chunk: its single frame passes through unchanged
             self._put(x.clone())
@@ -157,13 +157,13 @@ class _StaticCache:
                 raise ValueError(f"decode cache entry {k} has shape {got}, expected {want}")
         return None if self.first else self.cache_in[k]
 
-    def conv(self, conv: "CausalConv3d", x: torch.Tensor) -> torch.Tensor:
+    def conv(self, conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor:
         past = self._past(x)
         out = conv(x, past)
         self.cache_out.append(_last_frames(past, x))
         return out
 
-    def time_upsample(self, conv: "CausalConv3d", x: torch.Tensor) -> torch.Tensor | None:
+    def time_upsample(self, conv: CausalConv3d, x: torch.Tensor) -> torch.Tensor | None:
         past = self._past(x)
         if self.first:  # 'Rep': skip the conv; the entry stays zero (the first frame never enters it)
             self.cache_out.append(x.new_zeros((x.shape[0], x.shape[1], CACHE_T, *x.shape[3:])))
@@ -200,7 +200,7 @@ class CausalConv3d(nn.Conv3d):
         return super().forward(F.pad(x, (*self.space_pad, front, 0)))
 
 
-class RMS_norm(nn.Module):  # noqa: N801  (upstream's name, kept for cross-reference)
+class RMS_norm(nn.Module):
     """L2-normalise over channels, times sqrt(C) and a per-channel gain `gamma` (no bias)."""
 
     def __init__(self, dim: int, images: bool):
@@ -377,7 +377,7 @@ def _latent_stats(z_dim: int, device=None, dtype=torch.float32) -> tuple[torch.T
         mean, std = LATENT_MEAN, LATENT_STD
     else:
         mean, std = (0.0,) * z_dim, (1.0,) * z_dim
-    as_tensor = lambda v: torch.tensor(v, device=device, dtype=dtype).view(1, z_dim, 1, 1, 1)  # noqa: E731
+    as_tensor = lambda v: torch.tensor(v, device=device, dtype=dtype).view(1, z_dim, 1, 1, 1)
     return as_tensor(mean), as_tensor(std)
 
 
@@ -405,7 +405,7 @@ class WanVAE(nn.Module):
         self.register_load_state_dict_post_hook(WanVAE._rebuild_latent_stats)
 
     @staticmethod
-    def _rebuild_latent_stats(module: "WanVAE", _incompatible) -> None:
+    def _rebuild_latent_stats(module: WanVAE, _incompatible) -> None:
         w = module.conv2.weight
         if not w.is_meta:
             module.latent_mean, module.latent_std = _latent_stats(module.config.z_dim, w.device, w.dtype)
