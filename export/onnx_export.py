@@ -3,7 +3,9 @@
 Every op of the stages has an ONNX form; nothing needs a custom domain:
 - the KV write is one batched index_put (ScatterND with a [B, F, 2] index; see `ExportOps`),
 - window attention is the reference formulation (RoPE as Sin/Cos/Mul, Einsum, masked Softmax),
-- the VAE's nearest-exact 2x upsampling is Resize, RMS_norm is ReduceL2/Div, convs are Conv (3-D).
+- the VAE's 2x upsampling is one Resize (the stages swap the VAE's nearest-exact module for the
+  identical-at-scale-2 "nearest" one, see `stages.NearestUp2x`; nearest-exact would export as a
+  GatherND over a constant index), RMS_norm is ReduceL2/Div, the causal convs are 3-D Conv.
 The Triton kernels of `kernels/` are not embedded: an exported graph carries their reference math,
 and a graph compiler (TensorRT) does its own fusion. That is the documented fallback for them.
 

@@ -293,20 +293,38 @@ class ExportedArtifacts:
     dit: ExportedDiT
     vae: ExportedVAE
     backend: str
+    device: torch.device
 
     @classmethod
-    def load(cls, directory: str | Path, backend: Backend = "torch", device=None, **trt_options) -> "ExportedArtifacts":
+    def load(cls, directory: str | Path, backend: Backend = "torch", device=None,
+             programs: dict[str, Program] | None = None, **trt_options) -> "ExportedArtifacts":
+        """Load `directory`'s programs for `backend` (or use already loaded `programs`)."""
         manifest = Manifest.load(directory)
         config = manifest.engine_config
         device = torch.device(device or manifest.device)
-        programs = load_programs(directory, backend, device, manifest, **trt_options)
+        if programs is None:
+            programs = load_programs(directory, backend, device, manifest, **trt_options)
         time_mods = load_time_mods(Path(directory) / manifest.time_mods, device)
         dit = ExportedDiT(programs, config, time_mods, manifest.ring_io)
         vae = ExportedVAE(programs, config, device, manifest.torch_dtype)
-        return cls(manifest, config, dit, vae, backend)
+        return cls(manifest, config, dit, vae, backend, device)
 
     def streaming_decoder(self, batch: int = 1):
         return exported_streaming_decoder(self.vae, batch)
+
+    def engine(self, audio_encoder=None):
+        """A `runtime.Engine` on these programs. The audio encoder stays eager: pass one, or it is
+        rebuilt from the manifest's source (the preset's seeded random weights, or the checkpoint
+        directory's wav2vec2)."""
+        from runtime.engine import Engine
+
+        if self.manifest.batch != 1:
+            raise ValueError(f"the engine runs batch 1; these artifacts were exported for batch {self.manifest.batch}")
+        dtype = self.manifest.torch_dtype
+        if audio_encoder is None:
+            audio_encoder = _audio_encoder_for(self.manifest, self.config).to(device=self.device, dtype=dtype)
+        log.info("engine from exported programs (backend %s)", self.backend)
+        return Engine(self.config, self.dit, self.vae, audio_encoder, device=self.device, dtype=dtype)
 
 
 def exported_streaming_decoder(vae: ExportedVAE, batch: int = 1):
@@ -331,18 +349,5 @@ def _audio_encoder_for(manifest: Manifest, config: EngineConfig):
 
 def build_exported_engine(directory: str | Path, backend: Backend = "torch", device=None,
                           audio_encoder=None, **trt_options):
-    """A `runtime.Engine` whose DiT and VAE stages run from the exported programs in `directory`.
-
-    The audio encoder stays eager: pass one, or it is rebuilt from the manifest's source (the
-    preset's seeded random weights, or the checkpoint directory's wav2vec2)."""
-    from runtime.engine import Engine
-
-    art = ExportedArtifacts.load(directory, backend, device, **trt_options)
-    device = torch.device(device or art.manifest.device)
-    dtype = art.manifest.torch_dtype
-    if art.manifest.batch != 1:
-        raise ValueError(f"the engine runs batch 1; these artifacts were exported for batch {art.manifest.batch}")
-    if audio_encoder is None:
-        audio_encoder = _audio_encoder_for(art.manifest, art.config).to(device=device, dtype=dtype)
-    log.info("engine from exported programs in %s (backend %s)", directory, art.backend)
-    return Engine(art.config, art.dit, art.vae, audio_encoder, device=device, dtype=dtype)
+    """A `runtime.Engine` whose DiT and VAE stages run from the exported programs in `directory`."""
+    return ExportedArtifacts.load(directory, backend, device, **trt_options).engine(audio_encoder)

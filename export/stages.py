@@ -31,17 +31,19 @@ inputs with valid contents (plans from `plan_block`), used for export and for ve
 """
 from __future__ import annotations
 
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kernels.kv_write import rms_norm_reference
 from runtime.config import EngineConfig
 from runtime.models.dit import BlockPlan, CausalAudioDiT, TimeMod
 from runtime.models.ops import Ops
-from runtime.models.vae import WanVAE
+from runtime.models.vae import WanVAE, _NearestUp2x
 from runtime.session import plan_block
 
 RingIO = Literal["rows", "full"]
@@ -179,10 +181,34 @@ class TextKV(nn.Module):
 
 # ---- VAE stages -------------------------------------------------------------------------------
 
+class NearestUp2x(nn.Module):
+    """2x nearest upsampling in fp32, the export form of the VAE's `_NearestUp2x`.
+
+    The VAE uses mode="nearest-exact", which the ONNX exporter lowers to a GatherND with a constant
+    [H, W, 2] int64 index per upsampling (megabytes at full size, and no Resize layer for TensorRT).
+    At an exact scale of 2 the two modes pick the same source pixel (floor((i + 0.5) / 2) ==
+    floor(i / 2) for integer i), and "nearest" exports as one ONNX Resize (asymmetric, floor)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(x.dtype)
+
+
+def export_form(vae: WanVAE) -> WanVAE:
+    """A structural copy of `vae` sharing its weights, with every `_NearestUp2x` replaced by
+    `NearestUp2x` (the original model is untouched; the stages are verified against it)."""
+    shared = {id(t): t for t in (*vae.parameters(), *vae.buffers())}
+    copy = deepcopy(vae, memo=shared)
+    for module in copy.modules():
+        for name, child in list(module.named_children()):
+            if isinstance(child, _NearestUp2x):
+                module._modules[name] = NearestUp2x()
+    return copy
+
+
 class VAEEncodeImage(nn.Module):
     def __init__(self, vae: WanVAE):
         super().__init__()
-        self.vae = vae
+        self.vae = export_form(vae)
 
     def forward(self, image):
         return self.vae.encode_image(image)
@@ -193,7 +219,7 @@ class VAEDecodeFirst(nn.Module):
 
     def __init__(self, vae: WanVAE):
         super().__init__()
-        self.vae = vae
+        self.vae = export_form(vae)
 
     def forward(self, z):
         frames, cache = self.vae.decode_step(z, None, first=True)
@@ -205,7 +231,7 @@ class VAEDecodeStep(nn.Module):
 
     def __init__(self, vae: WanVAE):
         super().__init__()
-        self.vae = vae
+        self.vae = export_form(vae)
 
     def forward(self, z, *cache):
         frames, new_cache = self.vae.decode_step(z, list(cache), first=False)
