@@ -24,10 +24,10 @@ import torch
 from .audio import AudioEncoder, AudioStream, check_chunk
 from .checkpoint import load_into, read_state_dict
 from .config import PRESETS, EngineConfig
-from .models.dit import CausalAudioDiT, TimeMod, build_dit
+from .models.dit import BlockPlan, CausalAudioDiT, TimeMod, build_dit
 from .models.ops import Ops, ops_for
 from .models.vae import StreamingVAEDecoder, WanVAE
-from .sampler import BlockInputs, sample_block
+from .sampler import BlockInputs, denoise_step, refresh_kv
 from .session import KVRing, StaticPlan, plan_block
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,21 @@ class VideoBlock:
     @property
     def num_frames(self) -> int:
         return int(self.frames.shape[0])
+
+
+@dataclass
+class BlockWork:
+    """One block in flight: what the stages read and write."""
+
+    index: int
+    first_frame: int
+    num_frames: int
+    host_plan: BlockPlan
+    noise: torch.Tensor
+    inputs: BlockInputs | None = None
+    plan: BlockPlan | None = None      # the session's static device plan, once step 0 has filled it
+    x: torch.Tensor | None = None      # x_t between steps, then the clean x0
+    video: torch.Tensor | None = None  # decoded frames [B, 3, N, H, W] in [-1, 1]
 
 
 @dataclass
@@ -158,7 +173,7 @@ class Engine:
         return self.vae.encode_image(img.expand(self.batch, -1, -1, -1)).float()
 
     def _cond(self, ref_latent: torch.Tensor, first: bool) -> torch.Tensor:
-        B, C, _, h, w = ref_latent.shape
+        B, _, _, h, w = ref_latent.shape
         F = self.config.cache.block_frames
         mask = torch.ones(B, 1, F, h, w, device=self.device)
         if first:
@@ -215,42 +230,73 @@ class Engine:
             out.append(self._run_block(s))
         return out
 
-    @torch.no_grad()
+    # ---- one block as stages: begin (host) -> audio -> step 0..N-1 -> refresh -> decode -> finish --------
+    # The sequential path below runs them in order; runtime/scheduled.py runs the same methods as a DAG
+    # (decode of block b overlapping the denoising of block b+1).
     def _run_block(self, s: _Session) -> VideoBlock:
+        work = self.begin_block(s)
+        clock = time.perf_counter
+        t0 = clock()
+        self.stage_audio(s, work)
+        t1 = clock()
+        for i in range(self.config.sampler.num_steps):
+            self.stage_denoise(s, work, i)
+        self.stage_refresh(s, work)
+        t2 = clock()
+        self.stage_decode(s, work)
+        block = self.finish_block(s, work)
+        t3 = clock()
+        block.timings = {"audio": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2, "total": t3 - t0}
+        return block
+
+    def begin_block(self, s: _Session) -> BlockWork:
+        """Host-side planning of the session's next block; draws its noise (fixed order: determinism)."""
         cfg = self.config
         b = s.block
-        v0, n = cfg.first_video_frame(b), cfg.video_frames_in_block(b)
-        t0 = time.perf_counter()
-        # plan: ring slots and RoPE positions (host arithmetic), copied into the static device plan
-        plan = s.plan.update(plan_block(b, cfg.cache, self.batch))
-        # run: audio features -> sampler -> streaming decode
-        inputs = self._block_inputs(s, b, s.audio.features(v0, v0 + n))
-        t1 = time.perf_counter()
-        x0 = sample_block(self.dit, self.ops, inputs, self._mods, cfg.sampler.sigmas, s.text_kv,
-                          s.ring.k, s.ring.v, plan)
-        t2 = time.perf_counter()
-        video = s.decoder.decode(x0.to(self.dtype))
-        # postprocess: frames leave as a uint8 host copy
-        frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        frames = frames.permute(1, 2, 3, 0).cpu().numpy()
-        t3 = time.perf_counter()
-        spf = cfg.samples_per_video_frame
         s.block += 1
-        return VideoBlock(index=b, frames=frames, first_frame=v0, pts=v0 / cfg.fps,
-                          audio=s.audio.samples(v0 * spf, (v0 + n) * spf),
-                          timings={"audio": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2, "total": t3 - t0})
-
-    def _block_inputs(self, s: _Session, b: int, feats: torch.Tensor) -> BlockInputs:
-        cfg = self.config
-        if b == 0:
-            # latent frame 0 <-> video frame 0, repeated so every latent frame has `audio_pack` frames
-            feats = torch.cat([feats[:, :1].expand(-1, cfg.dit.audio_pack - 1, -1), feats], dim=1)
-        audio = self.dit.audio_cond(feats.to(self.dtype).expand(self.batch, -1, -1))
         _, C, _, h, w = s.ref_latent.shape
         shape = (cfg.sampler.num_steps, self.batch, C, cfg.cache.block_frames, h, w)
         noise = torch.randn(shape, generator=s.generator, device=self.device, dtype=torch.float32)
-        return BlockInputs(noise=noise, cond=s.cond_first if b == 0 else s.cond_rest, audio=audio,
-                           ref_latent=s.ref_latent if b == 0 else None)
+        return BlockWork(index=b, first_frame=cfg.first_video_frame(b), num_frames=cfg.video_frames_in_block(b),
+                         host_plan=plan_block(b, cfg.cache, self.batch), noise=noise)
+
+    @torch.no_grad()
+    def stage_audio(self, s: _Session, w: BlockWork) -> None:
+        cfg = self.config
+        feats = s.audio.features(w.first_frame, w.first_frame + w.num_frames)
+        if w.index == 0:
+            # latent frame 0 <-> video frame 0, repeated so every latent frame has `audio_pack` frames
+            feats = torch.cat([feats[:, :1].expand(-1, cfg.dit.audio_pack - 1, -1), feats], dim=1)
+        audio = self.dit.audio_cond(feats.to(self.dtype).expand(self.batch, -1, -1))
+        w.inputs = BlockInputs(noise=w.noise, cond=s.cond_first if w.index == 0 else s.cond_rest, audio=audio,
+                               ref_latent=s.ref_latent if w.index == 0 else None)
+
+    @torch.no_grad()
+    def stage_denoise(self, s: _Session, w: BlockWork, step: int) -> None:
+        if step == 0:
+            # The static plan changes only here, after the previous block's refresh has used it.
+            w.plan = s.plan.update(w.host_plan)
+            w.x = w.inputs.noise[0]
+        w.x = denoise_step(self.dit, self.ops, w.inputs, w.x, step, self._mods[step], self.config.sampler.sigmas,
+                           s.text_kv, s.ring.k, s.ring.v, w.plan)
+
+    @torch.no_grad()
+    def stage_refresh(self, s: _Session, w: BlockWork) -> None:
+        refresh_kv(self.dit, self.ops, w.inputs, w.x, self._mods[-1], s.text_kv, s.ring.k, s.ring.v, w.plan)
+
+    @torch.no_grad()
+    def stage_decode(self, s: _Session, w: BlockWork) -> None:
+        w.video = s.decoder.decode(w.x.to(self.dtype))
+
+    def finish_block(self, s: _Session, w: BlockWork) -> VideoBlock:
+        """Frames leave as a uint8 host copy, never a view of an engine-owned buffer."""
+        cfg = self.config
+        frames = ((w.video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        frames = frames.permute(1, 2, 3, 0).cpu().numpy()
+        spf = cfg.samples_per_video_frame
+        v0, n = w.first_frame, w.num_frames
+        return VideoBlock(index=w.index, frames=frames, first_frame=v0, pts=v0 / cfg.fps,
+                          audio=s.audio.samples(v0 * spf, (v0 + n) * spf))
 
 
 def _default_device_dtype(device, dtype):

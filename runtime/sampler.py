@@ -29,22 +29,34 @@ def pin_reference(x: torch.Tensor, ref_latent: torch.Tensor | None) -> torch.Ten
     return torch.cat([ref_latent, x[:, :, 1:]], dim=2)
 
 
+def model_input(x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+    return torch.cat([x.to(inputs.cond.dtype), inputs.cond], dim=1)
+
+
+def denoise_step(dit: CausalAudioDiT, ops: type[Ops], inputs: BlockInputs, x: torch.Tensor, step: int,
+                 mod: TimeMod, sigmas: tuple[float, ...], text_kv, ring_k: torch.Tensor, ring_v: torch.Tensor,
+                 plan: BlockPlan) -> torch.Tensor:
+    """Step `step` of a block: x_t -> x_t' (the next step's input) or, after the last step, x0."""
+    x = pin_reference(x, inputs.ref_latent)
+    v = dit.forward_block(model_input(x, inputs), mod, inputs.audio, text_kv, ring_k, ring_v, plan, ops)
+    x0 = x - sigmas[step] * v.float()
+    if step + 1 == len(sigmas):
+        return pin_reference(x0, inputs.ref_latent)
+    return (1 - sigmas[step + 1]) * x0 + sigmas[step + 1] * inputs.noise[step + 1]
+
+
+def refresh_kv(dit: CausalAudioDiT, ops: type[Ops], inputs: BlockInputs, x0: torch.Tensor, mod: TimeMod,
+               text_kv, ring_k: torch.Tensor, ring_v: torch.Tensor, plan: BlockPlan) -> None:
+    """The t=0 forward on the clean block: writes its clean K/V into the ring, output discarded."""
+    dit.forward_block(model_input(x0, inputs), mod, inputs.audio, text_kv, ring_k, ring_v, plan, ops)
+
+
 def sample_block(dit: CausalAudioDiT, ops: type[Ops], inputs: BlockInputs, mods: list[TimeMod],
                  sigmas: tuple[float, ...], text_kv, ring_k: torch.Tensor, ring_v: torch.Tensor,
                  plan: BlockPlan) -> torch.Tensor:
     """Denoise one block; `mods` holds one TimeMod per step plus the refresh's. Returns x0 (fp32)."""
-    dtype = inputs.cond.dtype
-
-    def forward(x: torch.Tensor, mod: TimeMod) -> torch.Tensor:
-        inp = torch.cat([x.to(dtype), inputs.cond], dim=1)
-        return dit.forward_block(inp, mod, inputs.audio, text_kv, ring_k, ring_v, plan, ops).float()
-
     x = inputs.noise[0]
-    for i, sigma in enumerate(sigmas):
-        x = pin_reference(x, inputs.ref_latent)
-        x0 = x - sigma * forward(x, mods[i])
-        if i + 1 < len(sigmas):
-            x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * inputs.noise[i + 1]
-    x0 = pin_reference(x0, inputs.ref_latent)
-    forward(x0, mods[len(sigmas)])
-    return x0
+    for i in range(len(sigmas)):
+        x = denoise_step(dit, ops, inputs, x, i, mods[i], sigmas, text_kv, ring_k, ring_v, plan)
+    refresh_kv(dit, ops, inputs, x, mods[len(sigmas)], text_kv, ring_k, ring_v, plan)
+    return x
