@@ -212,6 +212,26 @@ class Engine:
         s.flushed = True
         return blocks
 
+    def interrupt(self) -> int:
+        """Barge-in: drop audio pushed but not yet turned into a block; the stream goes on from there.
+
+        The KV cache and the video timeline are kept (the avatar does not jump); the next pushed audio
+        drives the next block. Returns the number of samples dropped.
+        """
+        s = self._require_session()
+        return s.audio.truncate(self.config.first_video_frame(s.block) * self.config.samples_per_video_frame)
+
+    def idle(self, blocks: int = 1) -> list[VideoBlock]:
+        """Emit `blocks` more blocks driven by silence (listening / idle avatar), after any queued audio."""
+        s = self._require_session()
+        if blocks < 1:
+            raise ValueError(f"blocks must be >= 1, got {blocks}")
+        cfg = self.config
+        last = s.block + blocks - 1
+        end_frame = cfg.first_video_frame(last) + cfg.video_frames_in_block(last)
+        need = (end_frame + cfg.audio.window_frames(cfg.fps)[1]) * cfg.samples_per_video_frame
+        return self._feed(s, np.zeros(max(0, need - s.audio.total_samples), np.float32))
+
     def _feed(self, s: _Session, samples: np.ndarray) -> list[VideoBlock]:
         """Push in pieces that fit the bounded audio ring, running blocks as they become ready."""
         out: list[VideoBlock] = []

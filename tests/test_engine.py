@@ -158,3 +158,27 @@ def test_frames_are_copies(engine, image, speech):
     engine.step(speech[:30000])
     for b, f in zip(blocks, before):
         np.testing.assert_array_equal(b.frames, f)
+
+
+def test_idle_emits_silent_blocks(engine, image):
+    engine.reset(image, seed=1)
+    blocks = engine.idle(2)
+    assert [b.index for b in blocks] == [0, 1]
+    assert all(not b.audio.any() for b in blocks)
+    assert [b.index for b in engine.idle()] == [2]
+
+
+def test_interrupt_drops_queued_audio_and_continues(engine, image, speech):
+    cfg = engine.config
+    spf = cfg.samples_per_video_frame
+    n0 = cfg.video_frames_in_block(0) * spf
+    engine.reset(image, seed=4)
+    first = engine.step(speech[:15000])                  # block 0 ready; 6000 samples of block 1 queued
+    assert [b.index for b in first] == [0]
+    assert engine.interrupt() == 15000 - n0
+    assert engine.interrupt() == 0
+    # the next audio drives block 1 from its first frame: the dropped samples are gone
+    rest = engine.step(speech[20000:40000])
+    assert [b.index for b in rest][:1] == [1]
+    np.testing.assert_array_equal(rest[0].audio, speech[20000:20000 + rest[0].num_frames * spf])
+    assert rest[0].first_frame == cfg.video_frames_in_block(0)

@@ -104,6 +104,17 @@ class AudioStream:
             raise ValueError(f"pad_silence needs n >= 0, got {n}")
         self.push(np.zeros(n, dtype=np.float32))
 
+    def truncate(self, sample: int) -> int:
+        """Forget pushed audio from absolute `sample` on (barge-in); returns how many samples went.
+
+        The next push continues at `sample`. Audio already released cannot be truncated into.
+        """
+        if sample < self._floor:
+            raise ValueError(f"cannot truncate to {sample}: audio before {self._floor} was already consumed")
+        dropped = max(0, self.total_samples - sample)
+        self.total_samples -= dropped
+        return dropped
+
     def drop_before(self, sample: int) -> None:
         """Release audio before absolute `sample` (never moves backwards, never past the end)."""
         self._floor = max(self._floor, min(sample, self.total_samples))
