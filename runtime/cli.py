@@ -217,5 +217,15 @@ def demo(
         typer.secho(warning, fg=typer.colors.YELLOW, bold=True, err=True)
 
 
+def _mount_subcommands() -> None:
+    """`bench` and `export` live beside their code (benchmarks/, export/); those modules import heavy
+    dependencies inside their commands, so `avatar --help` stays fast."""
+    from benchmarks.cli import bench
+
+    app.command(name="bench")(bench)
+
+
+_mount_subcommands()
+
 if __name__ == "__main__":
     app()
