@@ -105,13 +105,13 @@ class ExportOps(Ops):
     def qk_norm_kv_write(q, k, v, q_weight, k_weight, eps, ring_k, ring_v, write_slots):
         B, Lq, _ = q.shape
         _, ST, H, D = ring_k.shape
-        F = write_slots.shape[1]
-        T = Lq // F
-        batch = torch.arange(B, device=write_slots.device)[:, None].expand(B, F)
+        nf = write_slots.shape[1]
+        T = Lq // nf
+        batch = torch.arange(B, device=write_slots.device)[:, None].expand(B, nf)
         index = (batch, write_slots.long())
-        k_rows = rms_norm_reference(k, k_weight, eps).reshape(B, F, T * H * D)
+        k_rows = rms_norm_reference(k, k_weight, eps).reshape(B, nf, T * H * D)
         ring_k.view(B, ST // T, T * H * D).index_put_(index, k_rows.to(ring_k.dtype))
-        ring_v.view(B, ST // T, T * H * D).index_put_(index, v.reshape(B, F, T * H * D).to(ring_v.dtype))
+        ring_v.view(B, ST // T, T * H * D).index_put_(index, v.reshape(B, nf, T * H * D).to(ring_v.dtype))
         return rms_norm_reference(q, q_weight, eps).view(B, Lq, H, D)
 
 
@@ -136,11 +136,13 @@ class DenoiseStep(nn.Module):
         text_kv = list(zip(text_k.unbind(0), text_v.unbind(0)))
         velocity = self.dit.forward_block(x, TimeMod(mod_blocks, mod_head), audio, text_kv, ring_k, ring_v,
                                           BlockPlan(write_slots, slot_pos, q_pos), self.ops)
-        ring_k, ring_v = torch.stack(ring_k), torch.stack(ring_v)
         if self.ring_io == "full":
-            return velocity, ring_k, ring_v
+            return velocity, torch.stack(ring_k), torch.stack(ring_v)
         T = self.tokens_per_frame
-        return velocity, gather_ring_rows(ring_k, write_slots, T), gather_ring_rows(ring_v, write_slots, T)
+
+        def rows(layers):  # gathered per layer: the full rings are never stacked
+            return torch.cat([gather_ring_rows(layer[None], write_slots, T) for layer in layers])
+        return velocity, rows(ring_k), rows(ring_v)
 
 
 class AudioCond(nn.Module):
@@ -193,11 +195,14 @@ class NearestUp2x(nn.Module):
         return F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(x.dtype)
 
 
-def export_form(vae: WanVAE) -> WanVAE:
-    """A structural copy of `vae` sharing its weights, with every `_NearestUp2x` replaced by
-    `NearestUp2x` (the original model is untouched; the stages are verified against it)."""
+def export_form(vae: WanVAE, part: Literal["encoder", "decoder"]) -> WanVAE:
+    """A structural copy of `vae` sharing its weights, for one side of the VAE: the other side's
+    modules are dropped (so an artifact carries only the weights it uses), and every `_NearestUp2x`
+    is replaced by `NearestUp2x`. The original model is untouched; the stages are verified against it."""
     shared = {id(t): t for t in (*vae.parameters(), *vae.buffers())}
     copy = deepcopy(vae, memo=shared)
+    for name in ("decoder", "conv2") if part == "encoder" else ("encoder", "conv1"):
+        copy._modules[name] = None  # encode never touches the decoder side, decode never the encoder side
     for module in copy.modules():
         for name, child in list(module.named_children()):
             if isinstance(child, _NearestUp2x):
@@ -208,7 +213,7 @@ def export_form(vae: WanVAE) -> WanVAE:
 class VAEEncodeImage(nn.Module):
     def __init__(self, vae: WanVAE):
         super().__init__()
-        self.vae = export_form(vae)
+        self.vae = export_form(vae, "encoder")
 
     def forward(self, image):
         return self.vae.encode_image(image)
@@ -219,7 +224,7 @@ class VAEDecodeFirst(nn.Module):
 
     def __init__(self, vae: WanVAE):
         super().__init__()
-        self.vae = export_form(vae)
+        self.vae = export_form(vae, "decoder")
 
     def forward(self, z):
         frames, cache = self.vae.decode_step(z, None, first=True)
@@ -231,7 +236,7 @@ class VAEDecodeStep(nn.Module):
 
     def __init__(self, vae: WanVAE):
         super().__init__()
-        self.vae = export_form(vae)
+        self.vae = export_form(vae, "decoder")
 
     def forward(self, z, *cache):
         frames, new_cache = self.vae.decode_step(z, list(cache), first=False)
