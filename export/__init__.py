@@ -8,7 +8,7 @@ engines (optional), verification against eager, and a runner that plays a sessio
 Submodules import torch-heavy code lazily; `export.tensorrt` never needs TensorRT to import.
 """
 
-__all__ = ["build_stages", "export_artifacts", "build_exported_engine", "ExportedArtifacts", "Manifest"]
+__all__ = ["ExportedArtifacts", "Manifest", "build_exported_engine", "build_stages", "export_artifacts"]
 
 
 def __getattr__(name):

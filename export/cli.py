@@ -14,15 +14,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Annotated
 
 import torch
 import typer
 
-from .runner import (DIT_STAGES, Manifest, StageEntry, VAE_STAGES, config_to_dict, save_time_mods,
-                     state_sha256)
+from .runner import DIT_STAGES, VAE_STAGES, Manifest, StageEntry, config_to_dict, save_time_mods, state_sha256
 from .stages import build_stages
 from .verify import Check, check_program, check_streaming_decode, format_table, tolerance
 
@@ -153,26 +153,31 @@ def _build_tensorrt(stages, directory: Path, manifest: Manifest, wanted, precisi
     return checks
 
 
+Opt = typer.Option
+
+
 @app.command("export")
 def export_command(
-    source: str = typer.Argument(..., metavar="CHECKPOINT_OR_PRESET",
-                                 help="checkpoint directory (LiveTalk release layout) or preset name (random weights)"),
-    artifacts_dir: Path = typer.Argument(..., help="output directory for the stage programs"),
-    onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="also export ONNX graphs (verified with onnxruntime)"),
-    tensorrt: bool = typer.Option(False, "--tensorrt", help="build TensorRT engines for the VAE stages (needs a GPU)"),
-    tensorrt_dit: bool = typer.Option(False, "--tensorrt-dit", help="also build TensorRT engines for the DiT stages"),
-    precision: str = typer.Option("fp16", help="TensorRT precision: fp32, fp16 or bf16"),
-    device: str = typer.Option("cpu", help="device to trace on (programs run on this device)"),
-    dtype: str = typer.Option("float32", help="model dtype: float32 (reference), bfloat16, float16"),
-    ring_io: str = typer.Option("rows", help="denoise step outputs: 'rows' (the block's K/V) or 'full' (whole ring)"),
-    seed: int = typer.Option(0, help="weight seed for presets"),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="check every export against eager"),
+    source: Annotated[str, typer.Argument(
+        metavar="CHECKPOINT_OR_PRESET",
+        help="checkpoint directory (LiveTalk release layout) or preset name (random weights)")],
+    artifacts_dir: Annotated[Path, typer.Argument(help="output directory for the stage programs")],
+    onnx: Annotated[bool, Opt("--onnx/--no-onnx", help="also export ONNX graphs (checked with onnxruntime)")] = True,
+    tensorrt: Annotated[bool, Opt("--tensorrt", help="build TensorRT engines for the VAE stages (GPU)")] = False,
+    tensorrt_dit: Annotated[bool, Opt("--tensorrt-dit", help="also build engines for the DiT stages")] = False,
+    precision: Annotated[str, Opt(help="TensorRT precision: fp32, fp16 or bf16")] = "fp16",
+    device: Annotated[str, Opt(help="device to trace on (the programs run on it)")] = "cpu",
+    dtype: Annotated[str, Opt(help="model dtype: float32 (the reference), bfloat16, float16")] = "float32",
+    ring_io: Annotated[str, Opt(help="step outputs: 'rows' (the block's K/V) or 'full' (whole ring)")] = "rows",
+    seed: Annotated[int, Opt(help="weight seed for presets")] = 0,
+    verify: Annotated[bool, Opt("--verify/--no-verify", help="check every export against eager")] = True,
 ) -> None:
     """Export every stage of a checkpoint to ARTIFACTS_DIR and verify each against eager."""
     try:
-        result = export_artifacts(source, artifacts_dir, onnx=onnx, tensorrt=tensorrt, tensorrt_dit=tensorrt_dit,
-                                  precision=precision, device=device, dtype=dtype, ring_io=ring_io, seed=seed,
-                                  verify=verify, progress=lambda msg: typer.echo(f"[export] {msg}", err=True))
+        result = export_artifacts(
+            source, artifacts_dir, onnx=onnx, tensorrt=tensorrt, tensorrt_dit=tensorrt_dit, precision=precision,
+            device=device, dtype=dtype, ring_io=ring_io, seed=seed, verify=verify,
+            progress=lambda msg: typer.echo(f"[export] {msg}", err=True))
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
         typer.echo(f"export failed: {e}", err=True)
         raise typer.Exit(2) from None

@@ -23,10 +23,11 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
@@ -111,7 +112,7 @@ class Manifest:
         return path
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Manifest":
+    def load(cls, directory: str | Path) -> Manifest:
         path = Path(directory) / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"{directory}: no {MANIFEST}; not an export artifacts directory "
@@ -297,7 +298,7 @@ class ExportedArtifacts:
 
     @classmethod
     def load(cls, directory: str | Path, backend: Backend = "torch", device=None,
-             programs: dict[str, Program] | None = None, **trt_options) -> "ExportedArtifacts":
+             programs: dict[str, Program] | None = None, **trt_options) -> ExportedArtifacts:
         """Load `directory`'s programs for `backend` (or use already loaded `programs`)."""
         manifest = Manifest.load(directory)
         config = manifest.engine_config

@@ -31,9 +31,10 @@ inputs with valid contents (plans from `plan_block`), used for export and for ve
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +62,7 @@ class StageShapes:
     tokens_per_frame: int  # T
 
     @classmethod
-    def from_config(cls, cfg: EngineConfig, batch: int = 1) -> "StageShapes":
+    def from_config(cls, cfg: EngineConfig, batch: int = 1) -> StageShapes:
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         return cls(batch=batch, block_frames=cfg.cache.block_frames, latent_hw=cfg.latent_hw,

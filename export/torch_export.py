@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.export.passes  # noqa: F401  (move_to_device_pass is not imported by torch.export)
+import torch.export.passes
 
 from .stages import Stage
 
@@ -50,7 +50,7 @@ class TorchProgram:
 
     @classmethod
     def load(cls, path: str | Path, name: str, input_names, output_names,
-             device: torch.device | str | None = None) -> "TorchProgram":
+             device: torch.device | str | None = None) -> TorchProgram:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no exported program for stage {name!r}")

@@ -10,8 +10,8 @@ fused LayerNorm or Einsum contraction order, so bit equality is not expected), 1
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -35,7 +35,7 @@ class ErrorStats:
     rel: float
 
     @classmethod
-    def of(cls, ref: torch.Tensor, out: torch.Tensor) -> "ErrorStats":
+    def of(cls, ref: torch.Tensor, out: torch.Tensor) -> ErrorStats:
         if ref.shape != out.shape:
             raise ValueError(f"shape mismatch: reference {tuple(ref.shape)}, export {tuple(out.shape)}")
         if ref.numel() == 0:
@@ -141,5 +141,5 @@ def format_table(checks: Sequence[Check], summarize: bool = True) -> str:
     rows = [(c.stage, c.backend, label(c), f"{c.stats.max_abs:.3e}", f"{c.stats.rel:.3e}", f"{c.tol:.0e}",
              "yes" if c.ok else "NO") for c in shown]
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths))  # noqa: E731
+    line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths))
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])

@@ -10,8 +10,17 @@ import typer
 from typer.testing import CliRunner
 
 from export.cli import app as export_app
-from export.runner import (DIT_STAGES, VAE_STAGES, ExportedArtifacts, Manifest, build_exported_engine,
-                           config_from_dict, config_to_dict, load_programs, state_sha256)
+from export.runner import (
+    DIT_STAGES,
+    VAE_STAGES,
+    ExportedArtifacts,
+    Manifest,
+    build_exported_engine,
+    config_from_dict,
+    config_to_dict,
+    load_programs,
+    state_sha256,
+)
 from export.stages import DenoiseStep, build_stages, gather_ring_rows, scatter_ring_rows
 from export.torch_export import TorchProgram, export_program
 from export.verify import check_program, tolerance
@@ -200,7 +209,7 @@ def test_session_from_exported_programs_matches_eager(backend, eager, loaded):
 
 
 def test_auto_backend_without_tensorrt_uses_torch_programs(artifacts, eager, monkeypatch):
-    import export.runner as runner
+    from export import runner
 
     monkeypatch.setattr(runner, "_tensorrt_usable", lambda: False)
     engine = build_exported_engine(artifacts, "auto")

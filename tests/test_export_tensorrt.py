@@ -10,14 +10,14 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from export import tensorrt as trt_export
-from export.tensorrt import EngineCache, EngineKey, engine_key, onnx_input_signature
+from export.tensorrt import EngineCache, engine_key, onnx_input_signature
 
 HAS_TRT = trt_export.tensorrt_available()
 needs_trt_gpu = pytest.mark.skipif(not (HAS_TRT and torch.cuda.is_available()),
                                    reason="needs the tensorrt package and a CUDA GPU")
 
-MACHINE = dict(gpu_name="NVIDIA H100 80GB HBM3", compute_capability=(9, 0), tensorrt_version="10.7.0",
-               cuda_version="12.6", torch_version="2.6.0")
+MACHINE = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": (9, 0), "tensorrt_version": "10.7.0",
+           "cuda_version": "12.6", "torch_version": "2.6.0"}
 
 
 def _tiny_onnx(path, weight: float = 0.5, dynamic: bool = False):
