@@ -72,6 +72,10 @@ def export_artifacts(source: str, directory: str | Path, *, onnx: bool = True, t
     for stage in stages.values():
         stage.make_inputs = _on_device(stage.make_inputs, device)
 
+    from runtime.config import PRESETS
+
+    if not (source in PRESETS and not Path(source).exists()):
+        source = str(Path(source).resolve())  # the runner rebuilds the audio encoder from here, from any cwd
     manifest = Manifest(source=source, seed=seed, config=config_to_dict(cfg), batch=1,
                         dtype=str(torch_dtype).removeprefix("torch."), device=str(torch.device(device)),
                         ring_io=ring_io, weights_sha256=state_sha256(dit, vae))
