@@ -831,7 +831,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     timeout = timedelta(seconds=args.comm_timeout)
     if cuda:
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=timeout, device_id=device)
+        # No device_id (eager init) on purpose: lazily created pair communicators give every peer pair its
+        # own NCCL stream; on one shared communicator rank 0's sends of session B's inputs would queue
+        # behind its receive of session A's x0, and sessions would no longer interleave.
+        dist.init_process_group("nccl", timeout=timeout)
     else:
         dist.init_process_group("gloo", timeout=timeout)
     meta = dist.new_group(backend="gloo", timeout=timeout)

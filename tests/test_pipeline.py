@@ -1,0 +1,216 @@
+"""Multi-process timestep-forcing pipeline (gloo on CPU) against the one-process engine, bit for bit.
+
+Every rank runs one torch thread, and so does the reference engine here: the comparison is exact.
+The first pipeline run of the module starts the forkserver (imports once); later runs take ~1 s.
+"""
+import itertools
+import multiprocessing
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from runtime.config import EngineConfig
+from runtime.engine import Engine
+from runtime.media import synth_speech_like
+from runtime.pipeline import (
+    FAIL_ENV,
+    FailSpec,
+    Header,
+    Layout,
+    PipelineError,
+    StreamSpec,
+    run_pipeline,
+    run_pipeline_streams,
+)
+
+SR = 16000
+PRESET = "micro"
+
+
+@pytest.fixture(scope="module")
+def config():
+    return EngineConfig.from_preset(PRESET)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def image(seed):
+    return np.random.default_rng(seed).integers(0, 256, size=(40, 36, 3), dtype=np.uint8)
+
+
+def speech(seconds, seed):
+    return synth_speech_like(seconds, sample_rate=SR, seed=seed).astype(np.float32)
+
+
+def reference(config, audio, img, seed):
+    """The one-process engine on the same weights (weights seed 0), audio and noise seed."""
+    engine = Engine.random(config, "cpu", torch.float32, seed=0)
+    engine.reset(img, seed=seed)
+    return engine.step(audio) + engine.flush()
+
+
+def assert_same_blocks(got, want):
+    assert [b.index for b in got] == [b.index for b in want]
+    for g, w in zip(got, want):
+        assert (g.first_frame, g.pts) == (w.first_frame, w.pts)
+        np.testing.assert_array_equal(g.frames, w.frames)
+        np.testing.assert_array_equal(g.audio, w.audio)
+
+
+def overlaps(a, b):
+    return a.start < b.end and b.start < a.end
+
+
+# ---- layout and wire format --------------------------------------------------------------------
+
+@pytest.mark.parametrize("world", [2, 3, 4, 5])
+def test_layout_gives_every_step_to_exactly_one_rank(world):
+    lay = Layout(world, 4)
+    owned = [s for r in range(lay.step_ranks) for s in lay.steps_of(r)]
+    assert owned == [0, 1, 2, 3]  # contiguous, in rank order
+    assert all(len(lay.steps_of(r)) >= 1 for r in range(lay.step_ranks))
+    assert len(lay.steps_of(0)) == min(len(lay.steps_of(r)) for r in range(lay.step_ranks))  # rank 0 also does audio
+    assert lay.decode_rank == world - 1 and lay.role(world - 1) == "decode"
+
+
+@pytest.mark.parametrize("world", [1, 6])
+def test_layout_rejects_world_sizes(world):
+    with pytest.raises(ValueError, match="world_size must be 2..5"):
+        Layout(world, 4)
+
+
+def test_header_round_trip_and_corruption():
+    h = Header(1, session=2, block=7, first_frame=81, num_frames=12, num_samples=12000)
+    assert Header.of(h.tensor()) == h
+    with pytest.raises(RuntimeError, match="corrupt pipeline header"):
+        Header.of(torch.zeros(8, dtype=torch.int64))
+
+
+def test_fail_spec_parsing():
+    assert FailSpec.parse("2:decode:1") == FailSpec(2, "decode", 1)
+    assert FailSpec.parse("1:denoise").matches(1, "denoise", 5)
+    for bad in ("1", "x:denoise", "1:nope", "1:denoise:x"):
+        with pytest.raises(ValueError, match="RANK:STAGE"):
+            FailSpec.parse(bad)
+
+
+# ---- bitwise equality with the one-process engine -------------------------------------------------
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_single_stream_equals_engine(config, one_thread, world):
+    audio, img = speech(4.4, seed=3), image(0)
+    want = reference(config, audio, img, seed=7)
+    assert len(want) >= 6 and len(want) * config.cache.block_frames > config.cache.window_frames  # eviction
+    run = run_pipeline_streams(PRESET, world, [StreamSpec(audio, img, seed=7)], timeout_s=240)
+    assert_same_blocks(run.blocks[0], want)
+
+    # Refresh(b) -> step 0(b+1): one stream never denoises on two ranks at once.
+    denoise = sorted((e for e in run.trace if e.stage == "denoise"), key=lambda e: e.start)
+    assert len(denoise) == len(want) * config.sampler.num_steps
+    assert not any(overlaps(a, b) for a, b in itertools.pairwise(denoise))  # sorted by start
+    # Every step rank refreshed every block but the last, itself.
+    refreshed = {(e.rank, e.block) for e in run.trace if e.stage == "refresh"}
+    assert refreshed == {(r, b) for r in range(world - 1) for b in range(len(want) - 1)}
+
+
+def test_run_pipeline_returns_the_blocks(config, one_thread):
+    audio, img = speech(1.6, seed=5), image(4)
+    want = reference(config, audio, img, seed=2)
+    assert_same_blocks(run_pipeline(PRESET, 3, audio, img, seed=2, timeout_s=240), want)
+
+
+def test_interleaved_streams_equal_engine(config, one_thread):
+    streams = [StreamSpec(speech(2.2, seed=1), image(1), seed=11),
+               StreamSpec(speech(1.4, seed=2), image(2), seed=12),
+               StreamSpec(speech(2.9, seed=3), image(3), seed=13)]
+    wants = [reference(config, s.audio, s.image, s.seed) for s in streams]
+    # Slow denoise steps (sleep, no CPU) make the schedule visible on 2 shared cores.
+    run = run_pipeline_streams(PRESET, 5, streams, timeout_s=240, stage_sleep_s={"denoise": 0.08})
+    for got, want in zip(run.blocks, wants):
+        assert_same_blocks(got, want)
+    assert len({len(w) for w in wants}) > 1  # streams of different lengths end at different times
+
+    denoise = [e for e in run.trace if e.stage == "denoise"]
+    assert any(overlaps(a, b) and a.rank != b.rank and a.session != b.session for a in denoise for b in denoise)
+    # Rank 0 takes the streams round-robin.
+    order = [(e.session, e.block) for e in sorted(denoise, key=lambda e: e.start) if e.rank == 0]
+    assert order[:3] == [(0, 0), (1, 0), (2, 0)]
+
+
+def test_decode_overlaps_denoising(config, one_thread):
+    audio, img = speech(2.2, seed=4), image(5)
+    run = run_pipeline_streams(PRESET, 2, [StreamSpec(audio, img, seed=1)], timeout_s=240,
+                               stage_sleep_s={"decode": 0.3})
+    decode = [e for e in run.trace if e.stage == "decode"]
+    denoise = [e for e in run.trace if e.stage == "denoise"]
+    assert {e.rank for e in decode} == {1} and {e.rank for e in denoise} == {0}
+    # Decoding block b runs while the step rank denoises block b + 1.
+    assert any(overlaps(d, s) and s.block == d.block + 1 for d in decode for s in denoise)
+    assert_same_blocks(run.blocks[0], reference(config, audio, img, seed=1))
+
+
+# ---- failures: named, and every process ends ---------------------------------------------------------
+
+def no_rank_left():
+    return not [p for p in multiprocessing.active_children() if p.name.startswith("pipeline-rank")]
+
+
+@pytest.mark.parametrize("world,spec,role", [
+    (3, "1:denoise:2", "steps 2-3"),
+    (3, "2:decode:1", "decode"),
+    (5, "0:audio:3", "step 0 + audio"),
+    (4, "1:refresh:0", "step 1"),
+])
+def test_stage_failure_is_named_and_ends_all_ranks(world, spec, role):
+    rank, stage, block = spec.split(":")
+    start = time.monotonic()
+    with pytest.raises(PipelineError) as info:
+        run_pipeline(PRESET, world, speech(3.0, seed=3), image(0), timeout_s=120, fail_at=spec)
+    e = info.value
+    assert (e.rank, e.stage, e.block, e.role) == (int(rank), stage, int(block), role)
+    assert f"pipeline rank {rank} ({role}) failed in stage '{stage}'" in str(e)
+    assert "InjectedFailure" in str(e)
+    assert time.monotonic() - start < 60
+    assert no_rank_left()
+
+
+def test_failure_from_environment_variable(monkeypatch):
+    monkeypatch.setenv(FAIL_ENV, "1:denoise")
+    with pytest.raises(PipelineError, match=r"rank 1 \(steps 2-3\) failed in stage 'denoise' \(session 0, block 0\)"):
+        run_pipeline(PRESET, 3, speech(1.6, seed=3), image(0), timeout_s=120)
+    assert no_rank_left()
+
+
+def test_a_stuck_rank_times_out():
+    start = time.monotonic()
+    with pytest.raises(PipelineError, match="timed out; ranks still running"):
+        run_pipeline(PRESET, 2, speech(1.6, seed=3), image(0), timeout_s=8, stage_sleep_s={"decode": 60})
+    assert time.monotonic() - start < 30
+    assert no_rank_left()
+
+
+# ---- bad input fails in the driver, before any process starts ---------------------------------------------
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"world_size": 6}, "world_size must be 2..5"),
+    ({"fail_at": "2:denoise"}, r"rank 2 \(decode\) runs only decode, emit"),
+    ({"fail_at": "7:decode"}, "names rank 7"),
+    ({"backend": "mpi"}, "backend must be"),
+    ({"start_method": "fork"}, "start_method must be"),
+    ({"audio": np.ones((2, 100), np.float32)}, "1-D mono"),
+    ({"audio": np.full(100, 2.0, np.float32)}, r"\[-1, 1\]"),
+    ({"image": "/nonexistent/face.png"}, "face.png"),
+])
+def test_bad_arguments_raise_before_spawning(kwargs, match):
+    args = {"model": PRESET, "world_size": 3, "audio": speech(0.5, seed=0), "image": image(0)} | kwargs
+    with pytest.raises((ValueError, FileNotFoundError, OSError), match=match):
+        run_pipeline(**args)
+    assert no_rank_left()
