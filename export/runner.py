@@ -26,7 +26,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Literal
 
 import torch
@@ -257,8 +256,7 @@ class ExportedVAE:
         self.config = config.vae
         self.latent_hw = config.latent_hw
         self.encode_program, self.first_program, self.step_program = (programs[s] for s in VAE_STAGES)
-        # StreamingVAEDecoder.flush reads the output device/dtype from `vae.conv2.weight`.
-        self.conv2 = SimpleNamespace(weight=torch.empty(0, device=device, dtype=dtype))
+        self.device, self.dtype = torch.device(device), dtype  # as WanVAE.device / .dtype
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         if image.dim() != 4:

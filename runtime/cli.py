@@ -221,8 +221,10 @@ def _mount_subcommands() -> None:
     """`bench` and `export` live beside their code (benchmarks/, export/); those modules import heavy
     dependencies inside their commands, so `avatar --help` stays fast."""
     from benchmarks.cli import bench
+    from export.cli import app as export_app
 
     app.command(name="bench")(bench)
+    app.add_typer(export_app)
 
 
 _mount_subcommands()

@@ -461,15 +461,22 @@ class WanVAE(nn.Module):
         frames = [self.decoder(x[:, :, i:i + 1], cache.begin_chunk()) for i in range(x.shape[2])]
         return torch.cat(frames, 2).clamp(-1, 1)
 
+    @property
+    def device(self) -> torch.device:
+        return self.conv2.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv2.weight.dtype
+
     def decode_cache_layout(self, h: int, w: int) -> list[tuple[int, int, int, int]]:
         """Per cache entry (channels, CACHE_T, height, width) for a latent of h x w (batch excluded)."""
         return [(c, CACHE_T, hh, ww) for c, hh, ww in self.decoder.cache_layout(h, w)]
 
     def init_decode_cache(self, batch: int, h: int, w: int, device=None, dtype=None) -> list[torch.Tensor]:
         """Zero decode cache for a stream of [batch, z, *, h, w] latents (device/dtype default: the weights')."""
-        ref = self.conv2.weight
-        device = ref.device if device is None else device
-        dtype = ref.dtype if dtype is None else dtype
+        device = self.device if device is None else device
+        dtype = self.dtype if dtype is None else dtype
         return [torch.zeros((batch, *shape), device=device, dtype=dtype) for shape in self.decode_cache_layout(h, w)]
 
     def decode_step(self, z: torch.Tensor, cache: list[torch.Tensor] | None, first: bool
@@ -540,5 +547,4 @@ class StreamingVAEDecoder:
         """Nothing is pending (causal decoder): an empty [B, 3, 0, H, W] (H = W = 0 before any decode)."""
         s = self.vae.config.spatial_factor
         h, w = self.latent_hw if self.latent_hw is not None else (0, 0)
-        ref = self.vae.conv2.weight
-        return torch.zeros((self.batch, 3, 0, h * s, w * s), device=ref.device, dtype=ref.dtype)
+        return torch.zeros((self.batch, 3, 0, h * s, w * s), device=self.vae.device, dtype=self.vae.dtype)
