@@ -60,6 +60,9 @@ class BlockWork:
     plan: BlockPlan | None = None      # the session's static device plan, once step 0 has filled it
     x: torch.Tensor | None = None      # x_t between steps, then the clean x0
     video: torch.Tensor | None = None  # decoded frames [B, 3, N, H, W] in [-1, 1]
+    # The samples the block covers, copied when it is planned: in a pipelined run a later block's
+    # audio stage may already have released them from the ring when this block finishes.
+    audio: np.ndarray | None = None
 
 
 @dataclass
@@ -277,8 +280,10 @@ class Engine:
         _, C, _, h, w = s.ref_latent.shape
         shape = (cfg.sampler.num_steps, self.batch, C, cfg.cache.block_frames, h, w)
         noise = torch.randn(shape, generator=s.generator, device=self.device, dtype=torch.float32)
-        return BlockWork(index=b, first_frame=cfg.first_video_frame(b), num_frames=cfg.video_frames_in_block(b),
-                         host_plan=plan_block(b, cfg.cache, self.batch), noise=noise)
+        v0, n, spf = cfg.first_video_frame(b), cfg.video_frames_in_block(b), cfg.samples_per_video_frame
+        plan = plan_block(b, cfg.cache, self.batch)
+        return BlockWork(index=b, first_frame=v0, num_frames=n, host_plan=plan, noise=noise,
+                         audio=s.audio.samples(v0 * spf, (v0 + n) * spf))
 
     @torch.no_grad()
     def stage_audio(self, s: _Session, w: BlockWork) -> None:
@@ -313,10 +318,8 @@ class Engine:
         cfg = self.config
         frames = ((w.video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         frames = frames.permute(1, 2, 3, 0).cpu().numpy()
-        spf = cfg.samples_per_video_frame
-        v0, n = w.first_frame, w.num_frames
-        return VideoBlock(index=w.index, frames=frames, first_frame=v0, pts=v0 / cfg.fps,
-                          audio=s.audio.samples(v0 * spf, (v0 + n) * spf))
+        v0 = w.first_frame
+        return VideoBlock(index=w.index, frames=frames, first_frame=v0, pts=v0 / cfg.fps, audio=w.audio)
 
 
 def _default_device_dtype(device, dtype):
