@@ -305,12 +305,6 @@ class _Rank:
 
 # ---- rank 0's audio front --------------------------------------------------------------------------
 
-@dataclass
-class _FrontBlock:
-    work: BlockWork
-    span: np.ndarray  # the audio samples the block's frames cover
-
-
 class _FrontEngine(Engine):
     """Engine whose `step`/`flush` stop each ready block after its audio stage.
 
@@ -321,15 +315,13 @@ class _FrontEngine(Engine):
     rank_ctx: _Rank | None = None
     stream_index: int = 0
 
-    def _run_block(self, s) -> _FrontBlock:  # type: ignore[override]
+    def _run_block(self, s) -> BlockWork:  # type: ignore[override]
         ctx, i = self.rank_ctx, self.stream_index
         with ctx.stage("begin", i, s.block):
-            w = self.begin_block(s)
+            w = self.begin_block(s)  # also copies the samples the block covers (w.audio)
         with ctx.stage("audio", i, w.index):
             self.stage_audio(s, w)
-            spf = self.config.samples_per_video_frame
-            span = s.audio.samples(w.first_frame * spf, (w.first_frame + w.num_frames) * spf)
-        return _FrontBlock(w, np.asarray(span, dtype=np.float32))
+        return w
 
 
 class _StreamFeed:
@@ -340,9 +332,9 @@ class _StreamFeed:
         cfg = engine.config
         self.chunk = cfg.video_frames_in_block(1) * cfg.samples_per_video_frame
         self.pos, self.flushed = 0, False
-        self.ready: deque[_FrontBlock] = deque()
+        self.ready: deque[BlockWork] = deque()
 
-    def next(self) -> _FrontBlock | None:
+    def next(self) -> BlockWork | None:
         sr = self.engine.config.audio.sample_rate
         while not self.ready and not self.flushed:
             if self.pos < len(self.audio):
@@ -379,29 +371,29 @@ class _StepRank:
         active = list(range(len(feeds)))
         while active:
             for i in list(active):
-                fb = feeds[i].next()
-                if fb is None:
+                w = feeds[i].next()
+                if w is None:
                     active.remove(i)
                     continue
-                self._announce(i, fb)
+                self._announce(i, w)
                 self._refresh_until(i)
-                self._denoise_and_pass(i, fb.work)
+                self._denoise_and_pass(i, w)
         end = Header(KIND_END).tensor()
         for r in range(1, self.ctx.layout.world_size):
             self.ctx.transport.send(end, r, TAG_HEADER, meta=True)
         self._finish()
 
-    def _announce(self, i: int, fb: _FrontBlock) -> None:
-        w, t, lay = fb.work, self.ctx.transport, self.ctx.layout
+    def _announce(self, i: int, w: BlockWork) -> None:
+        t, lay = self.ctx.transport, self.ctx.layout
         if tuple(w.inputs.audio.shape) != self.wire.audio:
             raise RuntimeError(f"audio condition shape {tuple(w.inputs.audio.shape)} != wire shape {self.wire.audio}")
-        header = Header(KIND_BLOCK, i, w.index, w.first_frame, w.num_frames, len(fb.span)).tensor()
+        header = Header(KIND_BLOCK, i, w.index, w.first_frame, w.num_frames, len(w.audio)).tensor()
         for r in range(1, lay.step_ranks):
             t.send(header, r, TAG_HEADER, meta=True)
             t.send(w.inputs.audio, r, TAG_AUDIO)
             t.send(w.noise, r, TAG_NOISE)
         span = torch.zeros(self.wire.span, dtype=torch.float32)
-        span[:len(fb.span)] = torch.from_numpy(fb.span)
+        span[:len(w.audio)] = torch.from_numpy(np.asarray(w.audio, dtype=np.float32))
         t.send(header, lay.decode_rank, TAG_HEADER, meta=True)
         t.send(span, lay.decode_rank, TAG_SPAN, meta=True)
 
