@@ -61,6 +61,7 @@ class StaticBuffers:
         B, C, _, h, w = s.ref_latent.shape
         F = cfg.cache.block_frames
         dev = engine.device
+
         def latent() -> torch.Tensor:
             return torch.zeros(B, C, F, h, w, device=dev)
 
@@ -90,7 +91,8 @@ class StageGraphs:
         self.engine, self.warmup = engine, warmup
         self.ring, self.plan = session.ring, session.plan
         self.buffers = StaticBuffers.like_session(engine, session)
-        self.out: dict[str, torch.Tensor] = {}
+        self.eager_out: dict[str, torch.Tensor] = {}  # frames of a decode body's latest eager run
+        self.graph_out: dict[str, torch.Tensor] = {}  # frames a captured decode graph writes (graph-owned)
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self.fallbacks: dict[str, str] = {}  # stage -> why it runs eagerly
         self.bodies = self._bodies()
@@ -118,7 +120,8 @@ class StageGraphs:
                 bodies[f"step{i}/{v}"] = self._step_body(i, v == "first")
             bodies[f"refresh/{v}"] = self._refresh_body(v == "first")
         bodies["decode_first"] = self._decode_body("decode_first", lambda S: S.ref_latent, first=True)
-        bodies["decode/first"] = self._decode_body("decode/first", lambda S: S.z[:, :, 1:], first=False)
+        if self.engine.config.cache.block_frames > 1:  # else block 0 is its first latent frame alone
+            bodies["decode/first"] = self._decode_body("decode/first", lambda S: S.z[:, :, 1:], first=False)
         bodies["decode/later"] = self._decode_body("decode/later", lambda S: S.z, first=False)
         return bodies
 
@@ -153,7 +156,7 @@ class StageGraphs:
             frames, cache = e.vae.decode_step(latent(S).to(e.dtype), None if first else S.cache, first=first)
             for old, new in zip(S.cache, cache):
                 old.copy_(new)
-            self.out[name] = frames
+            self.eager_out[name] = frames  # during capture: the tensor every replay rewrites
         return body
 
     # ---- capture ---------------------------------------------------------------------------------
@@ -191,6 +194,8 @@ class StageGraphs:
             self.fallbacks[name] = reason
             log.warning("graphs: stage %s falls back to eager (%s)", name, reason)
             return None
+        if name in self.eager_out:
+            self.graph_out[name] = self.eager_out.pop(name)
         return graph
 
     @staticmethod
@@ -233,17 +238,21 @@ class StageGraphs:
         """x0 to the decode lane's buffer of this block's parity (the dit lane reuses x at once)."""
         self.buffers.handoff[block_index % 2].copy_(self.buffers.x)
 
+    def output(self, name: str) -> torch.Tensor:
+        """The frames of a decode stage's latest run (graph-owned for a captured stage: copy them)."""
+        return self.graph_out[name] if name in self.graphs else self.eager_out[name]
+
     def decode(self, block_index: int) -> torch.Tensor:
         """Decode a handed-off block; returns a copy of its frames (without the first frame in block 0)."""
         self.buffers.z.copy_(self.buffers.handoff[block_index % 2])
         name = f"decode/{variant(block_index)}"
         self.run(name)
-        return self.out[name].clone()
+        return self.output(name).clone()
 
     def decode_first(self) -> torch.Tensor:
         """The stream's first video frame, from the reference latent: a copy."""
         self.run("decode_first")
-        return self.out["decode_first"].clone()
+        return self.output("decode_first").clone()
 
     @property
     def captured(self) -> tuple[str, ...]:

@@ -6,6 +6,7 @@ Overlap is read off the engine's stage trace, with a decode made slow on purpose
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import threading
 import time
@@ -276,3 +277,17 @@ def test_a_dropped_engine_is_collected_with_its_workers(seq, image, speech):
     del eng
     gc.collect()
     assert ref() is None  # the scheduler holds its stages weakly: no cycle through C++
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_one_latent_frame_per_block(image, speech, graphs):
+    # Block 0 is then the first latent frame alone: decode_first is its whole decode.
+    base = EngineConfig.from_preset("micro")
+    cfg = base.replace(cache=dataclasses.replace(base.cache, block_frames=1))
+    seq1 = Engine.random(cfg, device="cpu", seed=2)
+    audio = speech[: SR // 2]
+    want = run_stream(seq1, image, audio)
+    with ScheduledEngine.from_engine(seq1, graphs=graphs) as eng:
+        got = run_stream(eng, image, audio)
+    assert [b.num_frames for b in got] == [1] + [4] * (len(got) - 1) and len(got) >= 3
+    assert_same_blocks(got, {b.index: b for b in want})
