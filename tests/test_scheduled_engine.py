@@ -291,3 +291,19 @@ def test_one_latent_frame_per_block(image, speech, graphs):
         got = run_stream(eng, image, audio)
     assert [b.num_frames for b in got] == [1] + [4] * (len(got) - 1) and len(got) >= 3
     assert_same_blocks(got, {b.index: b for b in want})
+
+
+def test_interrupt_and_idle_match_the_sequential_engine(seq, image, speech):
+    def script(eng):
+        eng.reset(image, seed=SEED)
+        calls = [eng.step(speech[:15000])]
+        dropped = eng.interrupt()                      # barge-in: queued audio of block 1 dropped
+        calls += [eng.step(speech[20000:40000]), eng.idle(2), eng.flush()]
+        return dropped, calls
+
+    want_dropped, want = script(seq)
+    with make(seq) as eng:
+        dropped, got = script(eng)
+    assert dropped == want_dropped > 0
+    assert [[b.index for b in c] for c in got] == [[b.index for b in c] for c in want]
+    assert_same_blocks([b for c in got for b in c], {b.index: b for c in want for b in c})
