@@ -9,6 +9,7 @@ __all__ = [
     "DiTConfig",
     "Engine",
     "EngineConfig",
+    "ScheduledEngine",
     "SamplerConfig",
     "VAEConfig",
     "VideoBlock",
@@ -21,4 +22,7 @@ def __getattr__(name):
     if name in ("Engine", "VideoBlock"):
         from . import engine
         return getattr(engine, name)
+    if name == "ScheduledEngine":
+        from .scheduled import ScheduledEngine
+        return ScheduledEngine
     raise AttributeError(name)
