@@ -172,7 +172,7 @@ class Engine:
 
     @torch.no_grad()
     def _encode_reference(self, image: np.ndarray) -> torch.Tensor:
-        img = torch.from_numpy(image).to(self.device).permute(2, 0, 1)[None].to(self.dtype) / 127.5 - 1
+        img = torch.tensor(image).to(self.device).permute(2, 0, 1)[None].to(self.dtype) / 127.5 - 1
         return self.vae.encode_image(img.expand(self.batch, -1, -1, -1)).float()
 
     def _cond(self, ref_latent: torch.Tensor, first: bool) -> torch.Tensor:

@@ -26,6 +26,7 @@ from kernels.window_attention import INVALID_POS
 
 from .config import CacheConfig, EngineConfig
 from .models.dit import BlockPlan
+from .transfer import copy_into
 
 
 def frame_slot(frame: int, cache: CacheConfig) -> int:
@@ -104,7 +105,7 @@ class StaticPlan:
 
     def update(self, plan: BlockPlan) -> BlockPlan:
         for name in ("write_slots", "slot_pos", "q_pos"):
-            getattr(self.plan, name).copy_(getattr(plan, name), non_blocking=True)
+            copy_into(getattr(self.plan, name), getattr(plan, name))
         return self.plan
 
 

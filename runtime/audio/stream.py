@@ -37,6 +37,7 @@ import torch
 
 from runtime.audio.encoder import AudioEncoder
 from runtime.config import AudioConfig
+from runtime.transfer import to_device
 
 
 class AudioBufferFull(RuntimeError):
@@ -144,7 +145,7 @@ class AudioStream:
             raise ValueError(f"audio for video frames [{v0}, {v1}) is not there yet: needs samples up to "
                              f"{self.window_bounds(v0, v1)[1]}, have {self.total_samples} (check ready())")
         start, stop = self.window_bounds(v0, v1)
-        wave = torch.from_numpy(self._read(start, stop)).to(self.encoder.device).unsqueeze(0)
+        wave = to_device(torch.from_numpy(self._read(start, stop)), self.encoder.device).unsqueeze(0)
         frames = self.left_frames + span + self.ahead_frames
         with torch.no_grad():  # not inference_mode: callers may update the result in place
             out = self.encoder(wave, frames, pad_before=max(0, -start))
