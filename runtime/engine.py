@@ -111,10 +111,12 @@ class Engine:
                seed: int = 0) -> Engine:
         """Random weights of the configured shapes: tests, demos and speed measurements."""
         device, dtype = _default_device_dtype(device, dtype)
-        torch.manual_seed(seed)
-        dit = build_dit(config, device=device, dtype=dtype)
-        with torch.device(device):
-            vae = WanVAE(config.vae)
+        # Seeded without disturbing the caller's global RNG state.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            dit = build_dit(config, device=device, dtype=dtype)
+            with torch.device(device):
+                vae = WanVAE(config.vae)
         audio = AudioEncoder.from_config(config.audio, seed=seed)
         return cls._assemble(config, dit, vae, audio, device, dtype, backend)
 
