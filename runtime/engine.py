@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import AudioEncoder, AudioStream, check_chunk
+from .audio import AudioEncoder, AudioStream, Resampler, check_chunk
 from .checkpoint import load_into, read_state_dict
 from .config import PRESETS, EngineConfig
 from .models.dit import BlockPlan, CausalAudioDiT, TimeMod, build_dit
@@ -78,6 +78,7 @@ class _Session:
     decoder: StreamingVAEDecoder
     block: int = 0
     flushed: bool = False
+    resampler: Resampler | None = None  # only when the caller streams another rate with resample=True
 
 
 class Engine:
@@ -193,19 +194,35 @@ class Engine:
         return self._session
 
     # ---- streaming ------------------------------------------------------------------------------
-    def step(self, audio_chunk, sample_rate: int = 16000) -> list[VideoBlock]:
-        """Push mono audio (int16 or float32 in [-1, 1]); return every block that became ready."""
+    def step(self, audio_chunk, sample_rate: int = 16000, resample: bool = False) -> list[VideoBlock]:
+        """Push mono audio (int16 or float32 in [-1, 1]); return every block that became ready.
+
+        Audio at another rate is an error unless `resample=True`, which converts it with a streaming
+        soxr resampler kept per session (chunking-independent; one input rate per stream).
+        """
         s = self._require_session()
-        samples = check_chunk(audio_chunk, sample_rate, self.config.audio.sample_rate)
+        target = self.config.audio.sample_rate
+        if resample and sample_rate != target:
+            samples = self._resampler(s, sample_rate)(audio_chunk)  # validates at the input rate first
+        else:
+            samples = check_chunk(audio_chunk, sample_rate, target)
         return self._feed(s, samples)
+
+    def _resampler(self, s: _Session, rate: int) -> Resampler:
+        if s.resampler is None:
+            s.resampler = Resampler(rate, self.config.audio.sample_rate)
+        elif s.resampler.from_rate != rate:
+            raise ValueError(f"sample rate changed mid-stream ({s.resampler.from_rate} -> {rate} Hz); "
+                             "call reset() to start a stream at another rate")
+        return s.resampler
 
     def flush(self) -> list[VideoBlock]:
         """Pad with silence so every pushed sample is covered by a block, emit the rest, end the stream."""
         s = self._require_session()
         cfg = self.config
         spf = cfg.samples_per_video_frame
+        blocks = self._feed(s, s.resampler.flush()) if s.resampler is not None else []
         frames_needed = -(-s.audio.total_samples // spf)
-        blocks = []
         if frames_needed > cfg.first_video_frame(s.block):
             last = s.block
             while cfg.first_video_frame(last) + cfg.video_frames_in_block(last) < frames_needed:
@@ -213,7 +230,7 @@ class Engine:
             end_frame = cfg.first_video_frame(last) + cfg.video_frames_in_block(last)
             lookahead = cfg.audio.window_frames(cfg.fps)[1]
             pad = (end_frame + lookahead) * spf - s.audio.total_samples
-            blocks = self._feed(s, np.zeros(max(0, pad), np.float32))
+            blocks += self._feed(s, np.zeros(max(0, pad), np.float32))
         s.flushed = True
         return blocks
 
@@ -224,6 +241,7 @@ class Engine:
         drives the next block. Returns the number of samples dropped.
         """
         s = self._require_session()
+        s.resampler = None  # its buffered input belongs to the dropped audio
         return s.audio.truncate(self.config.first_video_frame(s.block) * self.config.samples_per_video_frame)
 
     def idle(self, blocks: int = 1) -> list[VideoBlock]:

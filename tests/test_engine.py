@@ -182,3 +182,25 @@ def test_interrupt_drops_queued_audio_and_continues(engine, image, speech):
     assert [b.index for b in rest][:1] == [1]
     np.testing.assert_array_equal(rest[0].audio, speech[20000:20000 + rest[0].num_frames * spf])
     assert rest[0].first_frame == cfg.video_frames_in_block(0)
+
+
+def test_other_rates_need_explicit_resampling(engine, image, speech):
+    import soxr
+
+    audio24 = soxr.resample(speech[:32000], SR, 24000).clip(-1, 1).astype(np.float32)
+    engine.reset(image, seed=2)
+    with pytest.raises(ValueError, match="24000"):
+        engine.step(audio24, sample_rate=24000)
+    whole = engine.step(audio24, sample_rate=24000, resample=True) + engine.flush()
+    engine.reset(image, seed=2)
+    parts = []
+    for i in range(0, len(audio24), 480):   # 20 ms chunks at 24 kHz
+        parts += engine.step(audio24[i:i + 480], sample_rate=24000, resample=True)
+    parts += engine.flush()
+    assert len(whole) == len(parts) >= 2
+    for a, b in zip(whole, parts):
+        np.testing.assert_array_equal(a.frames, b.frames)
+    engine.reset(image, seed=2)
+    engine.step(audio24[:4800], sample_rate=24000, resample=True)
+    with pytest.raises(ValueError, match="changed mid-stream"):
+        engine.step(audio24[:4410], sample_rate=22050, resample=True)
