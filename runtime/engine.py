@@ -336,10 +336,15 @@ class Engine:
     def finish_block(self, s: _Session, w: BlockWork) -> VideoBlock:
         """Frames leave as a uint8 host copy, never a view of an engine-owned buffer."""
         cfg = self.config
-        frames = ((w.video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        frames = frames.permute(1, 2, 3, 0).cpu().numpy()
+        frames = frames_uint8(w.video)
         v0 = w.first_frame
         return VideoBlock(index=w.index, frames=frames, first_frame=v0, pts=v0 / cfg.fps, audio=w.audio)
+
+
+def frames_uint8(video: torch.Tensor) -> np.ndarray:
+    """Decoded video [B, 3, N, H, W] in [-1, 1] -> batch row 0 as a uint8 [N, H, W, 3] host copy."""
+    frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return frames.permute(1, 2, 3, 0).cpu().numpy()
 
 
 def _default_device_dtype(device, dtype):

@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from .config import PRESETS, EngineConfig
-from .engine import BlockWork, Engine, VideoBlock
+from .engine import BlockWork, Engine, VideoBlock, frames_uint8
 from .models.vae import StreamingVAEDecoder
 from .sampler import BlockInputs
 from .session import plan_block
@@ -471,12 +471,6 @@ class _StepRank:
 
 
 # ---- decode rank -----------------------------------------------------------------------------------
-
-def frames_uint8(video: torch.Tensor) -> np.ndarray:
-    """Decoded video [B, 3, N, H, W] in [-1, 1] -> uint8 [N, H, W, 3] host copy (as Engine.finish_block)."""
-    frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return frames.permute(1, 2, 3, 0).cpu().numpy()
-
 
 class _DecodeRank:
     def __init__(self, ctx: _Rank, engine: Engine, wire: _Wire, sink: Callable[[int, VideoBlock], None]):
