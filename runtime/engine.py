@@ -98,12 +98,18 @@ class Engine:
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path_or_preset: str, device=None, dtype=None, backend: str = "auto",
-                        seed: int = 0) -> Engine:
-        """A preset name gives random weights (seeded); a directory gives the LiveTalk release files."""
+                        seed: int = 0, config: EngineConfig | str | None = None) -> Engine:
+        """A preset name gives random weights (seeded); a directory gives the LiveTalk release files.
+
+        `config` (an EngineConfig or preset name) states the shapes of the files in the directory:
+        `livetalk-1.3b` by default. Loading is strict, so files of other shapes fail with every
+        mismatched key named rather than loading into a wrong model.
+        """
         if path_or_preset in PRESETS and not Path(path_or_preset).exists():
             return cls.random(EngineConfig.from_preset(path_or_preset), device, dtype, backend, seed)
         device, dtype = _default_device_dtype(device, dtype)
-        config = EngineConfig.from_preset("livetalk-1.3b")
+        if not isinstance(config, EngineConfig):
+            config = EngineConfig.from_preset(config or "livetalk-1.3b")
         dit, vae, audio = _load_release(Path(path_or_preset), config, device, dtype)
         return cls._assemble(config, dit, vae, audio, device, dtype, backend)
 
@@ -360,16 +366,20 @@ def _find(root: Path, name: str) -> Path:
 
 
 def _load_release(root: Path, config: EngineConfig, device, dtype):
-    """LiveTalk files under `root`: LiveTalk DiT safetensors, Wan2.1_VAE.pth, a wav2vec2-base-960h dir."""
+    """LiveTalk files under `root`, in the release layout (any nesting):
+    `model.safetensors` (or a shard set with its index) of the DiT, in `LiveTalk-1.3B-V0.1/` or `root`;
+    `Wan2.1_VAE.pth` (weights_only) or `Wan2.1_VAE.safetensors`; a `wav2vec2-base-960h/` directory.
+    """
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a preset name ({', '.join(PRESETS)}) nor a checkpoint directory")
-    dit_path = root / "LiveTalk-1.3B-V0.1" if (root / "LiveTalk-1.3B-V0.1").is_dir() else root
-    dit = load_into(build_dit(config, device="meta"), read_state_dict(dit_path / "model.safetensors"
-                    if (dit_path / "model.safetensors").exists() else dit_path),
+    dit_dir = root / "LiveTalk-1.3B-V0.1" if (root / "LiveTalk-1.3B-V0.1").is_dir() else root
+    dit_file = dit_dir / "model.safetensors"
+    dit = load_into(build_dit(config, device="meta"), read_state_dict(dit_file if dit_file.exists() else dit_dir),
                     what="LiveTalk DiT", dtype=dtype, device=device)
-    vae_file = _find(root, "Wan2.1_VAE.*")
-    # Built for real (not on meta): its latent mean/std constants are buffers outside the state_dict.
-    vae = load_into(WanVAE(config.vae), read_state_dict(vae_file), what="Wan2.1 VAE", dtype=dtype)
+    with torch.device("meta"):  # the latent mean/std buffers are rebuilt by WanVAE's load hook
+        vae = WanVAE(config.vae)
+    vae = load_into(vae, read_state_dict(_find(root, "Wan2.1_VAE.*")), what="Wan2.1 VAE", dtype=dtype,
+                    device=device)
     audio = AudioEncoder.from_pretrained(_find(root, "wav2vec2-base-960h"), config.audio)
-    log.info("loaded LiveTalk release from %s", root)
+    log.info("loaded LiveTalk release files from %s", root)
     return dit, vae, audio
