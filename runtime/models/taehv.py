@@ -153,7 +153,8 @@ class TAEHVDecoder(nn.Module):
 
         The widths and latent channels are read from the decoder's convs; then every `decoder.*`
         key must match exactly (one CheckpointError names every missing, unexpected and mis-shaped
-        key). Non-decoder keys (`encoder.*`) are ignored. Floats are cast to `dtype` if given."""
+        key). Non-decoder keys (`encoder.*`) are ignored. Floats are cast to `dtype` if given; the
+        module takes the tensors themselves (assign), so with no cast it shares storage with `sd`."""
         dec = {k: v for k, v in sd.items() if k.startswith("decoder.")}
         if not dec:
             raise CheckpointError(f"TAEHV checkpoint has no 'decoder.*' keys (first keys: {list(sd)[:5]})")
@@ -165,9 +166,8 @@ class TAEHVDecoder(nn.Module):
 
     @staticmethod
     def _infer_config(dec: Mapping[str, torch.Tensor]) -> tuple[int, tuple[int, ...]]:
-        anchors = {"decoder.1.weight": 4, "decoder.8.weight": 4, "decoder.14.weight": 4,
-                   "decoder.20.weight": 4, "decoder.22.weight": 4}
-        bad = [k for k, nd in anchors.items() if k not in dec or dec[k].dim() != nd]
+        anchors = [f"decoder.{i}.weight" for i in (1, 8, 14, 20, 22)]  # the plain convs fix every width
+        bad = [k for k in anchors if k not in dec or dec[k].dim() != 4]
         if bad:
             raise CheckpointError(f"TAEHV decoder checkpoint lacks 4-d conv weights {bad}: not the "
                                   "upstream decoder layout (decoder.{1,8,14,20,22}.weight)")
