@@ -84,13 +84,17 @@ class _Session:
 class Engine:
     def __init__(self, config: EngineConfig, dit: CausalAudioDiT, vae: WanVAE, audio_encoder: AudioEncoder,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 backend: str = "auto"):
+                 backend: str = "auto", *, batch: int = 1):
+        """`batch`: rows of the batched stages (stage_denoise, stage_refresh). Sessions are batch 1;
+        runtime/batched.py builds an engine of batch N to run N sessions' rows in one forward."""
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
         self.dit, self.vae, self.audio_encoder = dit, vae, audio_encoder
         self.ops: type[Ops] = ops_for(backend, self.device)
-        self.batch = 1
+        self.batch = batch
         steps = list(config.sampler.timesteps) + [config.sampler.refresh_timestep]
         self._mods = [self._time_mod(t) for t in steps]
         self._session: _Session | None = None
@@ -143,16 +147,29 @@ class Engine:
     # ---- session --------------------------------------------------------------------------------
     def reset(self, reference_image, prompt_embeds=None, seed: int = 0) -> None:
         """Start a new stream from a reference image (HxWx3 uint8 array or a path)."""
+        old = self._session  # its ring and plan are reused: allocated once per engine
+        self._session = self.open_session(reference_image, prompt_embeds, seed,
+                                          ring=old.ring if old else None, plan=old.plan if old else None)
+
+    def open_session(self, reference_image, prompt_embeds=None, seed: int = 0, ring: KVRing | None = None,
+                     plan: StaticPlan | None = None) -> _Session:
+        """A new session's state (batch 1): `ring` and `plan` are reused (the ring cleared) when given.
+
+        Input is validated before anything is touched, so a bad image or prompt changes nothing.
+        """
         from .media import load_image, resize_cover_center_crop
 
+        if self.batch != 1:
+            raise RuntimeError(f"sessions are batch 1; this engine (batch {self.batch}) only runs batched "
+                               "stages: use runtime.batched.BatchedEngine for several sessions")
         cfg = self.config
         image = resize_cover_center_crop(load_image(reference_image), cfg.height, cfg.width)
         prompt = self._prompt_tensor(prompt_embeds)
         # Everything above validates input; nothing below can fail on user data.
         ref_latent = self._encode_reference(image)
-        self._session = _Session(
-            ring=self._session.ring if self._session else KVRing.allocate(cfg, self.batch, self.device, self.dtype),
-            plan=self._session.plan if self._session else StaticPlan.allocate(cfg.cache, self.batch, self.device),
+        session = _Session(
+            ring=ring if ring is not None else KVRing.allocate(cfg, self.batch, self.device, self.dtype),
+            plan=plan if plan is not None else StaticPlan.allocate(cfg.cache, self.batch, self.device),
             text_kv=self.dit.text_kv(prompt),
             ref_latent=ref_latent,
             cond_first=self._cond(ref_latent, first=True),
@@ -162,7 +179,8 @@ class Engine:
                               max_span_frames=max(cfg.video_frames_in_block(0), cfg.video_frames_in_block(1))),
             decoder=StreamingVAEDecoder(self.vae, batch=self.batch),
         )
-        self._session.ring.clear()
+        session.ring.clear()
+        return session
 
     def _prompt_tensor(self, prompt_embeds) -> torch.Tensor:
         d = self.config.dit
@@ -225,17 +243,10 @@ class Engine:
     def flush(self) -> list[VideoBlock]:
         """Pad with silence so every pushed sample is covered by a block, emit the rest, end the stream."""
         s = self._require_session()
-        cfg = self.config
-        spf = cfg.samples_per_video_frame
         blocks = self._feed(s, s.resampler.flush()) if s.resampler is not None else []
-        frames_needed = -(-s.audio.total_samples // spf)
-        if frames_needed > cfg.first_video_frame(s.block):
-            last = s.block
-            while cfg.first_video_frame(last) + cfg.video_frames_in_block(last) < frames_needed:
-                last += 1
-            end_frame = cfg.first_video_frame(last) + cfg.video_frames_in_block(last)
-            lookahead = cfg.audio.window_frames(cfg.fps)[1]
-            pad = (end_frame + lookahead) * spf - s.audio.total_samples
+        last = last_block_to_flush(self.config, s.block, s.audio.total_samples)
+        if last is not None:
+            pad = samples_to_run(self.config, last) - s.audio.total_samples
             blocks += self._feed(s, np.zeros(max(0, pad), np.float32))
         s.flushed = True
         return blocks
@@ -255,10 +266,7 @@ class Engine:
         s = self._require_session()
         if blocks < 1:
             raise ValueError(f"blocks must be >= 1, got {blocks}")
-        cfg = self.config
-        last = s.block + blocks - 1
-        end_frame = cfg.first_video_frame(last) + cfg.video_frames_in_block(last)
-        need = (end_frame + cfg.audio.window_frames(cfg.fps)[1]) * cfg.samples_per_video_frame
+        need = samples_to_run(self.config, s.block + blocks - 1)
         return self._feed(s, np.zeros(max(0, need - s.audio.total_samples), np.float32))
 
     def _feed(self, s: _Session, samples: np.ndarray) -> list[VideoBlock]:
@@ -345,6 +353,23 @@ class Engine:
         frames = frames_uint8(w.video)
         v0 = w.first_frame
         return VideoBlock(index=w.index, frames=frames, first_frame=v0, pts=v0 / cfg.fps, audio=w.audio)
+
+
+def samples_to_run(cfg: EngineConfig, block: int) -> int:
+    """Samples a stream must hold before `block` can run: up to its last frame plus the lookahead."""
+    end_frame = cfg.first_video_frame(block) + cfg.video_frames_in_block(block)
+    return (end_frame + cfg.audio.window_frames(cfg.fps)[1]) * cfg.samples_per_video_frame
+
+
+def last_block_to_flush(cfg: EngineConfig, next_block: int, total_samples: int) -> int | None:
+    """The last block a flush runs so every pushed sample is covered; None when none is pending."""
+    frames_needed = -(-total_samples // cfg.samples_per_video_frame)
+    if frames_needed <= cfg.first_video_frame(next_block):
+        return None
+    last = next_block
+    while cfg.first_video_frame(last) + cfg.video_frames_in_block(last) < frames_needed:
+        last += 1
+    return last
 
 
 def frames_uint8(video: torch.Tensor) -> np.ndarray:
