@@ -123,7 +123,7 @@ class BatchedEngine:
         if max_lead_s <= 0:
             raise ValueError(f"max_lead_s must be > 0, got {max_lead_s}")
         cfg = engine.config
-        common = dict(device=engine.device, dtype=engine.dtype, backend=engine.ops.name)
+        common = {"device": engine.device, "dtype": engine.dtype, "backend": engine.ops.name}
         # Per-session stages (begin, audio, decode, finish) run on a batch-1 engine, the DiT steps on a
         # batch-N one: both are plain Engines over the same modules, with no session of their own.
         self._row = Engine(cfg, engine.dit, engine.vae, engine.audio_encoder, **common)
@@ -206,21 +206,21 @@ class BatchedEngine:
         items = self._chunk_items(chunks)
         target = self.config.audio.sample_rate
         converting = resample and sample_rate != target
-        added = {}
+        checked = {}
         for i, chunk in items:  # every check first: a bad chunk leaves every session unchanged
             slot = self._require_open(i)
             try:
-                added[i] = self._check_chunk(slot, chunk, sample_rate, target, converting)
+                checked[i] = self._check_chunk(slot, chunk, sample_rate, target, converting)
             except Exception as err:
                 raise _named(i, err) from err
         if not fill_idle:
-            self._check_lead(added)
-        for i, chunk in items:
+            ratio = target / sample_rate if converting else 1
+            self._check_lead({i: -(-len(x) * ratio // 1) for i, x in checked.items()})
+        for i, samples in checked.items():
             slot = self._slots[i]
-            if converting:
-                slot.enqueue(self._row._resampler(slot.session, sample_rate)(chunk))
-            else:
-                slot.enqueue(check_chunk(chunk, sample_rate, target))
+            if converting:  # the session's streaming resampler: chunking-independent, as Engine's
+                samples = self._row._resampler(slot.session, sample_rate)(samples)
+            slot.enqueue(samples)
         return self._advance(fill_idle)
 
     def idle(self, blocks: int = 1) -> dict[int, list[VideoBlock]]:
@@ -279,7 +279,7 @@ class BatchedEngine:
 
     def _chunk_items(self, chunks) -> list[tuple[int, object]]:
         if isinstance(chunks, dict):
-            items = sorted(chunks.items(), key=lambda kv: int(kv[0]) if isinstance(kv[0], (int, np.integer)) else -1)
+            items = sorted(chunks.items(), key=lambda kv: kv[0] if isinstance(kv[0], (int, np.integer)) else -1)
         elif isinstance(chunks, (list, tuple)):
             if len(chunks) > self.sessions:
                 raise ValueError(f"{len(chunks)} chunks for {self.sessions} sessions")
@@ -291,25 +291,25 @@ class BatchedEngine:
             self._check_index(i)
         return [(int(i), c) for i, c in items if c is not None]
 
-    def _check_chunk(self, slot: _Slot, chunk, sample_rate: int, target: int, converting: bool) -> int:
-        """Validate one chunk (nothing changes); returns about how many samples it adds at the engine rate."""
+    @staticmethod
+    def _check_chunk(slot: _Slot, chunk, sample_rate: int, target: int, converting: bool) -> np.ndarray:
+        """Validate one chunk, changing nothing: float32 samples at `sample_rate` (a new array)."""
         s = slot.session
-        if converting:
-            if s.resampler is not None and s.resampler.from_rate != sample_rate:
-                raise ValueError(f"sample rate changed mid-stream ({s.resampler.from_rate} -> {sample_rate} Hz); "
-                                 "call reset() to start a stream at another rate")
-            check_chunk(chunk, sample_rate, sample_rate)
-            return -(-len(chunk) * target // sample_rate)
-        check_chunk(chunk, sample_rate, target)
-        return len(chunk)
+        if not converting:
+            return check_chunk(chunk, sample_rate, target)
+        if s.resampler is not None and s.resampler.from_rate != sample_rate:
+            raise ValueError(f"sample rate changed mid-stream ({s.resampler.from_rate} -> {sample_rate} Hz); "
+                             "call reset() to start a stream at another rate")
+        return check_chunk(chunk, sample_rate, sample_rate)
 
     def _pending(self, slot: _Slot) -> int:
         """Samples pushed to the session and not yet turned into blocks."""
         s = slot.session
         return slot.pushed - self.config.first_video_frame(s.block) * self.config.samples_per_video_frame
 
-    def _check_lead(self, added: dict[int, int]) -> None:
-        """Refuse a push that would leave a session more than max_lead_s ahead of the least-fed one."""
+    def _check_lead(self, added: dict[int, float]) -> None:
+        """Refuse a push that would leave a session more than max_lead_s ahead of the least-fed one
+        (`added`: samples each session gets at the engine rate, estimated for resampled input)."""
         pending = {i: self._pending(self._slots[i]) + added.get(i, 0)
                    for i in self.live if not self._slots[i].flushing}
         if not pending:
@@ -427,6 +427,6 @@ def _named(i: int, err: BaseException) -> BaseException:
     """`err` again, its message prefixed with the session, and `.session = i` (failure isolation)."""
     try:
         named = type(err)(f"session {i}: {err}")
-    except Exception:
+    except TypeError:  # an exception class that needs more than a message
         named = RuntimeError(f"session {i}: {type(err).__name__}: {err}")
     return _with_session(named, i)

@@ -301,7 +301,6 @@ def _rss_bytes() -> int:
 
 def test_memory_flat_over_many_rounds(batched, inputs, cfg):
     """Two speaking sessions, one listening (fill_idle), restarts and barge-ins: nothing grows."""
-    _, speech, _, _ = inputs
     reset_all(batched, inputs)
     ring_ptr = batched._rows.ring.k.data_ptr()
     text_ptr = batched._rows.text_kv[0][0].data_ptr()
@@ -313,8 +312,8 @@ def test_memory_flat_over_many_rounds(batched, inputs, cfg):
             reset_all(batched, inputs, slots=[1])  # a slot reused by a new session
         if it % 9 == 4:
             batched.interrupt(0)
-        noise = lambda: (rng.standard_normal(chunk) * 0.1).clip(-1, 1).astype(np.float32)  # noqa: E731
-        got = batched.step({0: noise(), 1: noise()}, fill_idle=True)
+        chunks = {i: (rng.standard_normal(chunk) * 0.1).clip(-1, 1).astype(np.float32) for i in (0, 1)}
+        got = batched.step(chunks, fill_idle=True)
         assert all(np.isfinite(b.frames).all() for blocks in got.values() for b in blocks)
         assert all(batched.queued_samples(i) == 0 for i in range(N))
         rss.append(_rss_bytes())
