@@ -4,6 +4,7 @@ from .models.dit import CausalAudioDiT, build_dit
 
 __all__ = [
     "AudioConfig",
+    "BatchedEngine",
     "CacheConfig",
     "CausalAudioDiT",
     "DiTConfig",
@@ -25,4 +26,7 @@ def __getattr__(name):
     if name == "ScheduledEngine":
         from .scheduled import ScheduledEngine
         return ScheduledEngine
+    if name == "BatchedEngine":
+        from .batched import BatchedEngine
+        return BatchedEngine
     raise AttributeError(name)

@@ -123,7 +123,7 @@ class BatchedEngine:
         if max_lead_s <= 0:
             raise ValueError(f"max_lead_s must be > 0, got {max_lead_s}")
         cfg = engine.config
-        common = {"device": engine.device, "dtype": engine.dtype, "backend": engine.ops.name}
+        common = {"device": engine.device, "dtype": engine.dtype, "backend": engine.ops.name, "taehv": engine.taehv}
         # Per-session stages (begin, audio, decode, finish) run on a batch-1 engine, the DiT steps on a
         # batch-N one: both are plain Engines over the same modules, with no session of their own.
         self._row = Engine(cfg, engine.dit, engine.vae, engine.audio_encoder, **common)

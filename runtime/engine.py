@@ -26,6 +26,7 @@ from .checkpoint import load_into, read_state_dict
 from .config import PRESETS, EngineConfig
 from .models.dit import BlockPlan, CausalAudioDiT, TimeMod, build_dit
 from .models.ops import Ops, ops_for
+from .models.taehv import StreamingTAEHVDecoder, TAEHVDecoder
 from .models.vae import StreamingVAEDecoder, WanVAE
 from .sampler import BlockInputs, denoise_step, refresh_kv
 from .session import KVRing, StaticPlan, plan_block
@@ -75,7 +76,7 @@ class _Session:
     cond_rest: torch.Tensor           # later blocks (mask 1 everywhere)
     generator: torch.Generator
     audio: AudioStream
-    decoder: StreamingVAEDecoder
+    decoder: StreamingVAEDecoder | StreamingTAEHVDecoder
     block: int = 0
     flushed: bool = False
     resampler: Resampler | None = None  # only when the caller streams another rate with resample=True
@@ -84,15 +85,17 @@ class _Session:
 class Engine:
     def __init__(self, config: EngineConfig, dit: CausalAudioDiT, vae: WanVAE, audio_encoder: AudioEncoder,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 backend: str = "auto", *, batch: int = 1):
+                 backend: str = "auto", *, batch: int = 1, taehv: TAEHVDecoder | None = None):
         """`batch`: rows of the batched stages (stage_denoise, stage_refresh). Sessions are batch 1;
-        runtime/batched.py builds an engine of batch N to run N sessions' rows in one forward."""
+        runtime/batched.py builds an engine of batch N to run N sessions' rows in one forward.
+        `taehv`: decode with the tiny TAEHV decoder (~25x fewer FLOPs) instead of the Wan VAE decoder;
+        the Wan VAE still encodes the reference image."""
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
-        self.dit, self.vae, self.audio_encoder = dit, vae, audio_encoder
+        self.dit, self.vae, self.audio_encoder, self.taehv = dit, vae, audio_encoder, taehv
         self.ops: type[Ops] = ops_for(backend, self.device)
         self.batch = batch
         steps = list(config.sampler.timesteps) + [config.sampler.refresh_timestep]
@@ -102,25 +105,32 @@ class Engine:
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path_or_preset: str, device=None, dtype=None, backend: str = "auto",
-                        seed: int = 0, config: EngineConfig | str | None = None) -> Engine:
+                        seed: int = 0, config: EngineConfig | str | None = None, decoder: str = "wan") -> Engine:
         """A preset name gives random weights (seeded); a directory gives the LiveTalk release files.
 
         `config` (an EngineConfig or preset name) states the shapes of the files in the directory:
         `livetalk-1.3b` by default. Loading is strict, so files of other shapes fail with every
-        mismatched key named rather than loading into a wrong model.
+        mismatched key named rather than loading into a wrong model. `decoder="taehv"` decodes with
+        TAEHV (`taew2_1.pth` in the directory; random weights for a preset).
         """
+        _check_decoder(decoder)
         if path_or_preset in PRESETS and not Path(path_or_preset).exists():
-            return cls.random(EngineConfig.from_preset(path_or_preset), device, dtype, backend, seed)
+            return cls.random(EngineConfig.from_preset(path_or_preset), device, dtype, backend, seed, decoder)
         device, dtype = _default_device_dtype(device, dtype)
         if not isinstance(config, EngineConfig):
             config = EngineConfig.from_preset(config or "livetalk-1.3b")
-        dit, vae, audio = _load_release(Path(path_or_preset), config, device, dtype)
-        return cls._assemble(config, dit, vae, audio, device, dtype, backend)
+        root = Path(path_or_preset)
+        dit, vae, audio = _load_release(root, config, device, dtype)
+        taehv = None
+        if decoder == "taehv":
+            taehv = TAEHVDecoder.from_state_dict(read_state_dict(_find(root, "taew2_1.*")), dtype=dtype, device=device)
+        return cls._assemble(config, dit, vae, audio, device, dtype, backend, taehv)
 
     @classmethod
     def random(cls, config: EngineConfig, device=None, dtype=None, backend: str = "auto",
-               seed: int = 0) -> Engine:
+               seed: int = 0, decoder: str = "wan") -> Engine:
         """Random weights of the configured shapes: tests, demos and speed measurements."""
+        _check_decoder(decoder)
         device, dtype = _default_device_dtype(device, dtype)
         # Seeded without disturbing the caller's global RNG state.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -128,14 +138,27 @@ class Engine:
             dit = build_dit(config, device=device, dtype=dtype)
             with torch.device(device):
                 vae = WanVAE(config.vae)
+                taehv = TAEHVDecoder(config.vae.z_dim) if decoder == "taehv" else None
         audio = AudioEncoder.from_config(config.audio, seed=seed)
-        return cls._assemble(config, dit, vae, audio, device, dtype, backend)
+        return cls._assemble(config, dit, vae, audio, device, dtype, backend, taehv)
 
     @classmethod
-    def _assemble(cls, config, dit, vae, audio, device, dtype, backend) -> Engine:
-        vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        audio = audio.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        return cls(config, dit, vae, audio, device=device, dtype=dtype, backend=backend)
+    def _assemble(cls, config, dit, vae, audio, device, dtype, backend, taehv=None) -> Engine:
+        vae, audio = (m.to(device=device, dtype=dtype).eval().requires_grad_(False) for m in (vae, audio))
+        if taehv is not None:
+            taehv = taehv.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        return cls(config, dit, vae, audio, device=device, dtype=dtype, backend=backend, taehv=taehv)
+
+    @property
+    def decoder_model(self) -> WanVAE | TAEHVDecoder:
+        """The model whose functional `decode_step` / `init_decode_cache` turn latents into frames."""
+        return self.taehv if self.taehv is not None else self.vae
+
+    def new_decoder(self) -> StreamingVAEDecoder | StreamingTAEHVDecoder:
+        """A fresh streaming decoder (its own causal cache) for one stream."""
+        if self.taehv is not None:
+            return StreamingTAEHVDecoder(self.taehv, batch=1)
+        return StreamingVAEDecoder(self.vae, batch=1)
 
     def _time_mod(self, t: float) -> TimeMod:
         """Modulation of timestep t for every frame of a block, computed once (t is fixed per step)."""
@@ -177,7 +200,7 @@ class Engine:
             generator=torch.Generator(self.device).manual_seed(seed),
             audio=AudioStream(cfg.audio, cfg.fps, self.audio_encoder, self.device, self.dtype,
                               max_span_frames=max(cfg.video_frames_in_block(0), cfg.video_frames_in_block(1))),
-            decoder=StreamingVAEDecoder(self.vae, batch=self.batch),
+            decoder=self.new_decoder(),
         )
         session.ring.clear()
         return session
@@ -376,6 +399,11 @@ def frames_uint8(video: torch.Tensor) -> np.ndarray:
     """Decoded video [B, 3, N, H, W] in [-1, 1] -> batch row 0 as a uint8 [N, H, W, 3] host copy."""
     frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return frames.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def _check_decoder(decoder: str) -> None:
+    if decoder not in ("wan", "taehv"):
+        raise ValueError(f"unknown decoder {decoder!r}; choose 'wan' or 'taehv'")
 
 
 def _default_device_dtype(device, dtype):

@@ -73,7 +73,7 @@ class StaticBuffers:
             cond_first=torch.zeros_like(s.cond_first), cond_rest=torch.zeros_like(s.cond_rest),
             text_kv=[(torch.zeros_like(k), torch.zeros_like(v)) for k, v in s.text_kv],
             handoff=(latent(), latent()), z=latent(),
-            cache=engine.vae.init_decode_cache(B, h, w, device=dev, dtype=engine.dtype),
+            cache=engine.decoder_model.init_decode_cache(B, h, w, device=dev, dtype=engine.dtype),
         )
 
 
@@ -153,7 +153,7 @@ class StageGraphs:
         def body() -> None:
             # As StreamingVAEDecoder.decode: the first latent frame of a stream alone (fresh cache),
             # later frames with the cache of the previous step; the new cache is copied back in place.
-            frames, cache = e.vae.decode_step(latent(S).to(e.dtype), None if first else S.cache, first=first)
+            frames, cache = e.decoder_model.decode_step(latent(S).to(e.dtype), None if first else S.cache, first=first)
             for old, new in zip(S.cache, cache):
                 old.copy_(new)
             self.eager_out[name] = frames  # during capture: the tensor every replay rewrites

@@ -50,7 +50,6 @@ import torch.distributed as dist
 
 from .config import PRESETS, EngineConfig
 from .engine import BlockWork, Engine, VideoBlock, frames_uint8
-from .models.vae import StreamingVAEDecoder
 from .sampler import BlockInputs
 from .session import plan_block
 
@@ -475,7 +474,7 @@ class _StepRank:
 class _DecodeRank:
     def __init__(self, ctx: _Rank, engine: Engine, wire: _Wire, sink: Callable[[int, VideoBlock], None]):
         self.ctx, self.engine, self.wire, self.sink = ctx, engine, wire, sink
-        self.decoders: dict[int, StreamingVAEDecoder] = {}
+        self.decoders: dict[int, object] = {}  # session -> its streaming decoder (own causal cache)
 
     def run(self) -> None:
         t, lay, cfg = self.ctx.transport, self.ctx.layout, self.engine.config
@@ -493,7 +492,7 @@ class _DecodeRank:
                 audio = span.wait()[:h.num_samples].numpy().copy()
             start = time.perf_counter()
             with self.ctx.stage("decode", h.session, h.block):
-                decoder = self.decoders.setdefault(h.session, StreamingVAEDecoder(self.engine.vae, self.engine.batch))
+                decoder = self.decoders.setdefault(h.session, self.engine.new_decoder())
                 frames = frames_uint8(decoder.decode(x.to(self.engine.dtype)))
             block = VideoBlock(index=h.block, frames=frames, first_frame=h.first_frame, pts=h.first_frame / cfg.fps,
                                audio=audio, timings={"decode": time.perf_counter() - start})

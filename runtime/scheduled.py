@@ -95,8 +95,8 @@ class ScheduledEngine(Engine):
 
     def __init__(self, config, dit, vae, audio_encoder, device="cpu", dtype=torch.float32, backend="auto", *,
                  scheduler_backend: str | None = None, graphs: bool = False, max_in_flight: int = 3,
-                 trace: int = 0):
-        super().__init__(config, dit, vae, audio_encoder, device=device, dtype=dtype, backend=backend)
+                 trace: int = 0, taehv=None):
+        super().__init__(config, dit, vae, audio_encoder, device=device, dtype=dtype, backend=backend, taehv=taehv)
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         sched_backend = scheduler_backend or ("cuda" if self.device.type == "cuda" else "host")
@@ -117,7 +117,7 @@ class ScheduledEngine(Engine):
     def from_engine(cls, engine: Engine, **options) -> ScheduledEngine:
         """A scheduled engine over the same modules (no copy of the weights); its own sessions."""
         return cls(engine.config, engine.dit, engine.vae, engine.audio_encoder, device=engine.device,
-                   dtype=engine.dtype, backend=engine.ops.name, **options)
+                   dtype=engine.dtype, backend=engine.ops.name, taehv=engine.taehv, **options)
 
     @property
     def scheduler(self) -> Scheduler:
