@@ -40,7 +40,7 @@ def run_bench(engine, seconds: float, chunk_ms: float = 40.0, warmup_blocks: int
     report = {
         "tool": "avatar bench",
         "environment": environment(engine.device),
-        "settings": {**settings(engine.config, engine.device, engine.dtype, engine.ops.name),
+        "settings": {**settings(engine.config, engine.device, engine.dtype, engine.ops.name, engine.decoder_name),
                      "seconds": seconds, "chunk_ms": chunk_ms, "warmup_blocks": warmup_blocks, "rounds": rounds,
                      "dit_blocks": dit_blocks, "seed": seed, "peak_tflops": peak, "random_weights": True},
         "results": results,
@@ -110,7 +110,7 @@ def _config(preset: str, resolution: str | None):
         raise typer.BadParameter(str(e), param_hint="--resolution") from e
 
 
-def _build_engine(cfg, device: str | None, dtype: str | None, backend: str, seed: int):
+def _build_engine(cfg, device: str | None, dtype: str | None, backend: str, seed: int, decoder: str = "wan"):
     import torch
 
     from runtime.engine import Engine
@@ -121,9 +121,11 @@ def _build_engine(cfg, device: str | None, dtype: str | None, backend: str, seed
         raise typer.BadParameter("CUDA is not available on this machine", param_hint="--device")
     if dtype is not None and dtype not in _DTYPES:
         raise typer.BadParameter(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
+    if decoder not in ("wan", "taehv"):
+        raise typer.BadParameter(f"decoder must be wan or taehv, got {decoder!r}", param_hint="--decoder")
     try:
-        return Engine.random(cfg, device=device,
-                             dtype=getattr(torch, dtype) if dtype else None, backend=backend, seed=seed)
+        return Engine.random(cfg, device=device, dtype=getattr(torch, dtype) if dtype else None, backend=backend,
+                             seed=seed, decoder=decoder)
     except ValueError as e:  # e.g. a backend this device cannot run
         raise typer.BadParameter(str(e), param_hint="--backend") from e
 
@@ -148,11 +150,13 @@ def bench(
     compare_upstream: Annotated[bool, typer.Option("--compare-upstream", help="Also time the plain eager "
                                                    "upstream-structured DiT path and print the ratio.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Weights, inputs and session seed.")] = 0,
+    decoder: Annotated[str, typer.Option("--decoder", help="Video decoder: wan (Wan2.1 VAE) or taehv "
+                                         "(tiny decoder, ~25x fewer FLOPs).")] = "wan",
     peak_tflops: Annotated[float | None, typer.Option("--peak-tflops", min=1e-9, help="Rate the floor assumes "
                                                       "(default 790, dense bf16 on H100/H200).")] = None,
 ) -> None:
     """Measure per-block latency, FPS, first-frame latency, memory and TFLOP/s; print a table, write JSON."""
-    engine = _build_engine(_config(preset, resolution), device, dtype, backend, seed)
+    engine = _build_engine(_config(preset, resolution), device, dtype, backend, seed, decoder)
     from .harness import blocks_in_audio, seconds_for_blocks
 
     secs = DEFAULT_SECONDS.get(preset, 6.0) if seconds is None else seconds

@@ -122,7 +122,7 @@ def _nvml_driver() -> str | None:
     return version.decode() if isinstance(version, bytes) else version
 
 
-def settings(cfg: EngineConfig, device, dtype: torch.dtype, backend: str) -> dict:
+def settings(cfg: EngineConfig, device, dtype: torch.dtype, backend: str, decoder: str = "wan") -> dict:
     """The shape and numeric settings of a measurement (what a published number must name)."""
     c = cfg.cache
     return {
@@ -137,7 +137,7 @@ def settings(cfg: EngineConfig, device, dtype: torch.dtype, backend: str) -> dic
                    "window_frames": c.window_frames, "rope_mode": c.rope_mode,
                    "tokens_per_frame": cfg.tokens_per_frame, "window_tokens": c.window_frames * cfg.tokens_per_frame},
         "denoise_steps": cfg.sampler.num_steps,
-        "decoder": "wan",
+        "decoder": decoder,
     }
 
 
@@ -305,7 +305,7 @@ class EngineBench:
             for blk in outputs[i][1:] if i == first else outputs[i]:  # block 0 is the first-frame figure
                 block_s.append(share)
                 frames += blk.num_frames
-                flops += block_flops(self.cfg, "wan", blk.index).total
+                flops += block_flops(self.cfg, self.engine.decoder_name, blk.index).total
                 for name, sec in blk.timings.items():
                     stages.setdefault(name, []).append(sec)
         # time after the first block: the rest of its step() call's share, then every call up to the last block
@@ -341,7 +341,8 @@ class EngineBench:
     def record(self) -> dict:
         """Environment + settings + measurement, flat: what goes into benchmark.extra_info."""
         e = self.engine
-        return {**environment(e.device), **settings(self.cfg, e.device, e.dtype, e.ops.name), **self.measurement()}
+        return {**environment(e.device), **settings(self.cfg, e.device, e.dtype, e.ops.name, e.decoder_name),
+                **self.measurement()}
 
 
 def measure_engine(engine, seconds_of_audio: float, chunk_ms: float = 40.0, warmup_blocks: int = 2,

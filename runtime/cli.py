@@ -93,7 +93,7 @@ def format_summary(report: StreamReport, fps: int) -> str:
 
 # ---- demo ---------------------------------------------------------------------------------------
 
-def _create_engine(source: str, device: str | None, dtype: str | None):
+def _create_engine(source: str, device: str | None, dtype: str | None, decoder: str = "wan"):
     """Engine.from_pretrained, imported late so the CLI loads without the engine's dependencies."""
     try:
         from runtime import Engine
@@ -103,7 +103,9 @@ def _create_engine(source: str, device: str | None, dtype: str | None):
     if dtype is not None:
         import torch
         torch_dtype = getattr(torch, dtype)
-    return Engine.from_pretrained(source, device=device, dtype=torch_dtype)
+    if decoder not in ("wan", "taehv"):
+        raise typer.BadParameter(f"decoder must be wan or taehv, got {decoder!r}", param_hint="--decoder")
+    return Engine.from_pretrained(source, device=device, dtype=torch_dtype, decoder=decoder)
 
 
 def _load_demo_audio(audio: Path | None, seconds: float | None, sample_rate: int,
@@ -186,6 +188,8 @@ def demo(
     chunk_ms: Annotated[float, typer.Option(
         "--chunk-ms", min=1.0, help="Audio chunk size pushed per step() call.")] = 40.0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    decoder: Annotated[str, typer.Option("--decoder", help="Video decoder: wan (Wan2.1 VAE) or taehv (tiny "
+                                         "decoder; taew2_1.pth in the checkpoint directory).")] = "wan",
 ) -> None:
     """Stream speech through the engine and write an MP4 with per-block timings."""
     if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
@@ -197,7 +201,7 @@ def demo(
     if random_weights:
         typer.secho(warning, fg=typer.colors.YELLOW, bold=True, err=True)
 
-    engine = _create_engine(str(checkpoint) if checkpoint else preset, device, dtype)
+    engine = _create_engine(str(checkpoint) if checkpoint else preset, device, dtype, decoder)
     cfg = engine.config
     sr = cfg.audio.sample_rate
     samples = _load_demo_audio(audio, seconds, sr, resample, seed)

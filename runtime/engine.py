@@ -154,6 +154,10 @@ class Engine:
         """The model whose functional `decode_step` / `init_decode_cache` turn latents into frames."""
         return self.taehv if self.taehv is not None else self.vae
 
+    @property
+    def decoder_name(self) -> str:
+        return "taehv" if self.taehv is not None else "wan"
+
     def new_decoder(self) -> StreamingVAEDecoder | StreamingTAEHVDecoder:
         """A fresh streaming decoder (its own causal cache) for one stream."""
         if self.taehv is not None:

@@ -117,7 +117,7 @@ class ScriptedEngine:
 def scripted(monkeypatch):
     made = []
 
-    def create(source, device, dtype):
+    def create(source, device, dtype, decoder="wan"):
         made.append((source, device, dtype))
         engine = ScriptedEngine()
         made.append(engine)
