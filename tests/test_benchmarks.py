@@ -239,7 +239,24 @@ def test_cli_writes_json_with_upstream_ratio(tmp_path):
     assert ratio["dit_p50"] == pytest.approx(up["p50_block_ms"] / ours["p50_block_ms"])
 
 
+def test_cli_taehv_decoder_is_recorded_and_counted(tmp_path):
+    from runtime.flops import block_flops
+
+    cfg = EngineConfig.from_preset("micro")
+    out = tmp_path / "bench.json"
+    args = ["--preset", "micro", "--device", "cpu", "--decoder", "taehv", "--seconds", str(seconds_for_blocks(cfg, 3)),
+            "--warmup-blocks", "1", "--dit-blocks", "1", "--json", str(out)]
+    result = runner.invoke(bench_cli.app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["settings"]["decoder"] == "taehv"
+    e2e = report["results"]["e2e"]
+    # two measured blocks (indices 1 and 2), counted with TAEHV's decoder FLOPs, not the Wan VAE's
+    assert e2e["flops_measured"] == pytest.approx(sum(block_flops(cfg, "taehv", b).total for b in (1, 2)))
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--preset", "micro", "--device", "cpu", "--decoder", "tiny"], "decoder must be wan or taehv"),
     (["--preset", "nope"], "unknown preset"),
     (["--preset", "micro", "--device", "tpu"], "device must be cpu or cuda"),
     (["--preset", "micro", "--device", "cpu", "--dtype", "float64"], "dtype must be one of"),
