@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -55,12 +56,17 @@ from .session import plan_block
 
 log = logging.getLogger(__name__)
 
-FAIL_ENV = "RUNTIME_PIPELINE_FAIL"  # "RANK:STAGE[:BLOCK]": raise in that stage (tests, drills)
+FAIL_ENV = "RUNTIME_PIPELINE_FAIL"  # "RANK:STAGE[:BLOCK[:SESSION]]": raise in that stage (tests, drills)
 STAGES = ("begin", "audio", "denoise", "refresh", "decode", "emit")
+END_STAGES = (*STAGES, "cancel")  # what a status can name as the place a session ended early
 
 TAG_HEADER, TAG_SPAN, TAG_AUDIO, TAG_NOISE, TAG_X, TAG_X0 = 1, 2, 3, 4, 5, 6
-KIND_BLOCK, KIND_END = 1, 2
+TAG_X_STATUS, TAG_X0_STATUS, TAG_ACK = 7, 8, 9
+KIND_BLOCK, KIND_END, KIND_OK, KIND_FAILED, KIND_CANCELLED = 1, 2, 3, 4, 5
 HEADER_LEN = 8  # kind, session, block, first_frame, num_frames, num_samples, 0, 0
+# Rank 0 waits for the decode rank's status of a session's block once this many newer blocks of the
+# session are issued: it learns of decode failures within a few blocks and never runs far ahead of decode.
+ACK_LAG = 2
 
 
 # ---- rank layout ---------------------------------------------------------------------------------
@@ -142,33 +148,47 @@ class InjectedFailure(RuntimeError):
 
 @dataclass(frozen=True)
 class FailSpec:
+    """Where to inject a failure: a rank's stage, optionally only at one block and/or one session."""
+
     rank: int
     stage: str
     block: int | None = None
+    session: int | None = None
 
     @classmethod
-    def parse(cls, text: str | None) -> FailSpec | None:
-        if not text:
-            return None
+    def parse(cls, text: str | FailSpec | None) -> FailSpec | None:
+        if not text or isinstance(text, FailSpec):
+            return text or None
         parts = text.split(":")
         try:
-            if len(parts) not in (2, 3) or parts[1] not in STAGES:
+            if len(parts) not in (2, 3, 4) or parts[1] not in STAGES:
                 raise ValueError
-            return cls(int(parts[0]), parts[1], int(parts[2]) if len(parts) == 3 else None)
+            optional = [int(p) for p in parts[2:]] + [None] * (4 - len(parts))
+            return cls(int(parts[0]), parts[1], *optional)
         except ValueError:
-            raise ValueError(f"failure spec must be RANK:STAGE[:BLOCK] with STAGE one of {', '.join(STAGES)}, "
-                             f"got {text!r}") from None
+            raise ValueError(f"failure spec must be RANK:STAGE[:BLOCK[:SESSION]] with STAGE one of "
+                             f"{', '.join(STAGES)}, got {text!r}") from None
 
-    def check(self, layout: Layout) -> None:
+    def __str__(self) -> str:
+        tail = [] if self.block is None and self.session is None else [self.block]
+        tail += [] if self.session is None else [self.session]
+        if None in tail:
+            raise ValueError("a failure spec with a session needs a block too (RANK:STAGE:BLOCK:SESSION)")
+        return ":".join(str(v) for v in (self.rank, self.stage, *tail))
+
+    def check(self, layout: Layout, streams: int | None = None) -> None:
         """A spec naming a stage its rank never runs would silently never fire: reject it."""
         if not 0 <= self.rank < layout.world_size:
             raise ValueError(f"failure spec names rank {self.rank}, world size is {layout.world_size}")
         if self.stage not in stages_of(layout, self.rank):
             raise ValueError(f"rank {self.rank} ({layout.role(self.rank)}) runs only "
                              f"{', '.join(stages_of(layout, self.rank))}, not {self.stage!r}")
+        if streams is not None and self.session is not None and not 0 <= self.session < streams:
+            raise ValueError(f"failure spec names session {self.session}, there are {streams} streams")
 
-    def matches(self, rank: int, stage: str, block: int) -> bool:
-        return rank == self.rank and stage == self.stage and self.block in (None, block)
+    def matches(self, rank: int, stage: str, block: int, session: int = -1) -> bool:
+        return (rank == self.rank and stage == self.stage and self.block in (None, block)
+                and self.session in (None, session))
 
 
 # ---- transport -----------------------------------------------------------------------------------
@@ -245,6 +265,50 @@ class Header:
 
 
 @dataclass(frozen=True)
+class Status:
+    """A session's state, in the header's fixed int64[8] (nothing pickled): kind, session, the block it
+    travels with, and for a session that ended early where: rank, stage (index into END_STAGES) and block.
+
+    Sent with every x / x0 hop and by the decode rank for every block (KIND_OK, or KIND_FAILED in place
+    of data the session no longer has); on the header channel, rank 0's last word on a session that
+    ended early (KIND_FAILED or KIND_CANCELLED).
+    """
+
+    kind: int
+    session: int
+    block: int
+    rank: int = -1
+    stage: str = ""
+    origin: int = -1  # the failed block; for a cancellation, the first block not issued
+
+    @property
+    def ok(self) -> bool:
+        return self.kind == KIND_OK
+
+    def at(self, block: int) -> Status:
+        """The same state, travelling with another block."""
+        return Status(self.kind, self.session, block, self.rank, self.stage, self.origin)
+
+    def tensor(self) -> torch.Tensor:
+        code = END_STAGES.index(self.stage) + 1 if self.stage else 0
+        values = [self.kind, self.session, self.block, self.rank, code, self.origin]
+        return torch.tensor(values + [0] * (HEADER_LEN - len(values)), dtype=torch.int64)
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> Status:
+        v = [int(x) for x in t.tolist()]
+        if v[0] not in (KIND_OK, KIND_FAILED, KIND_CANCELLED) or not 0 <= v[4] <= len(END_STAGES):
+            raise RuntimeError(f"corrupt pipeline status {v}")
+        return cls(v[0], v[1], v[2], v[3], END_STAGES[v[4] - 1] if v[4] else "", v[5])
+
+
+def parse_header(t: torch.Tensor) -> Header | Status:
+    """What comes on the header channel: a block, the end of the run, or a session that ended early."""
+    kind = int(t[0])
+    return Status.of(t) if kind in (KIND_FAILED, KIND_CANCELLED) else Header.of(t)
+
+
+@dataclass(frozen=True)
 class _Wire:
     """Fixed shapes of everything that travels (static per config)."""
 
@@ -278,19 +342,21 @@ class StageEvent:
 
 class _Rank:
     def __init__(self, rank: int, layout: Layout, transport: _Transport, fail: FailSpec | None,
-                 sleeps: dict[str, float] | None):
+                 sleeps: dict[str, float] | None, report: Callable[[dict], None] | None = None):
         self.rank, self.layout, self.transport = rank, layout, transport
         self.role = layout.role(rank)
         self.fail, self.sleeps = fail, dict(sleeps or {})
+        self.report = report or _log_session_error
         self.events: list[StageEvent] = []
+        self.failed: dict[int, Status] = {}  # session -> where it failed (here, or as a peer told us)
 
     @contextlib.contextmanager
     def stage(self, name: str, session: int = -1, block: int = -1, step: int = -1, transfer: bool = False):
         """Names the work inside for errors and the trace; `transfer` marks waits on peers."""
         start = time.perf_counter()
         try:
-            if self.fail is not None and self.fail.matches(self.rank, name, block):
-                raise InjectedFailure(f"injected failure at {self.fail.rank}:{self.fail.stage}")
+            if self.fail is not None and self.fail.matches(self.rank, name, block, session):
+                raise InjectedFailure(f"injected failure at {self.fail}")
             yield
             if name in self.sleeps:  # test hook: emulate a slow stage without using CPU
                 time.sleep(self.sleeps[name])
@@ -300,6 +366,33 @@ class _Rank:
             raise StageError(self.rank, self.role, name, session, block, transfer, e) from e
         if not transfer:
             self.events.append(StageEvent(self.rank, name, session, block, step, start, time.perf_counter()))
+
+    @contextlib.contextmanager
+    def isolate(self):
+        """A compute stage of one session that fails inside fails only that session: recorded and reported
+        here, not raised. Waits on peers and work outside any session still fail the whole rank."""
+        try:
+            yield
+        except StageError as e:
+            if e.transfer or e.session < 0:
+                raise
+            self.learn(Status(KIND_FAILED, e.session, e.block, self.rank, e.stage, e.block))
+            self.report({"rank": self.rank, "role": e.role, "stage": e.stage, "session": e.session,
+                         "block": e.block, "transfer": False, "cause": e.cause, "time": time.time(),
+                         "traceback": traceback.format_exc()})
+
+    def learn(self, status: Status) -> None:
+        """The first failure heard of (or seen) for a session is the one that travels on."""
+        if status.kind == KIND_FAILED and status.session not in self.failed:
+            self.failed[status.session] = status
+
+    def live(self, session: int) -> bool:
+        return session not in self.failed
+
+
+def _log_session_error(info: dict) -> None:
+    log.error("pipeline rank %d (%s) failed session %d in stage '%s' (block %d): %s\n%s", info["rank"],
+              info["role"], info["session"], info["stage"], info["block"], info["cause"], info["traceback"])
 
 
 # ---- rank 0's audio front --------------------------------------------------------------------------
@@ -349,38 +442,55 @@ class _StreamFeed:
 
 @dataclass
 class _Item:
-    """A block this rank has denoised, kept until its refresh has run here."""
+    """A block this rank has passed on, kept until its x0 has arrived (and its refresh has run) here."""
 
     session: int
-    work: BlockWork
-    x0: _Incoming | None  # the last step rank's x0 (None on the last step rank itself)
+    block: int
+    work: BlockWork | None     # None: not denoised here (its session had failed)
+    x0: _Incoming | None       # the last step rank's x0 (None on the last step rank itself)
+    status: _Incoming | None   # ... and the Status that travels with it
 
 
 class _StepRank:
-    def __init__(self, ctx: _Rank, engines: list[_FrontEngine], wire: _Wire):
+    """One step rank. Every announced block gets the same transfers whatever happens to its session: a
+    session that failed sends a zero placeholder with a FAILED status in place of its data, so no peer
+    waits for data that never comes and every pair keeps posting in the one global order."""
+
+    def __init__(self, ctx: _Rank, engines: list[_FrontEngine], wire: _Wire,
+                 cancel_after: Sequence[int | None] | None = None):
         self.ctx, self.engines, self.wire = ctx, engines, wire
         lay, r = ctx.layout, ctx.rank
         self.steps = lay.steps_of(r)
         self.is_last = r == lay.last_step_rank
-        self.sessions = [e._require_session() for e in engines]
+        self.sessions: list = [e._require_session() for e in engines]  # None once freed
         self.pending: deque[_Item] = deque()
+        self.closed: set[int] = set()  # sessions rank 0 ended early: KV ring freed here
+        self.placeholder = torch.zeros(wire.latent, dtype=torch.float32, device=engines[0].device)
+        # rank 0 only: cancellation hook, blocks issued and the decode rank's statuses still to read
+        self.cancel_after = list(cancel_after) if cancel_after is not None else [None] * len(engines)
+        self.issued = [0] * len(engines)
+        self.acks: list[deque[_Incoming]] = [deque() for _ in engines]
 
     # rank 0: blocks come from the audio fronts, round-robin over the streams still running
     def run_front(self, feeds: list[_StreamFeed]) -> None:
         active = list(range(len(feeds)))
         while active:
             for i in list(active):
-                w = feeds[i].next()
-                if w is None:
-                    active.remove(i)
+                self._read_acks(i, keep=ACK_LAG)
+                self._end_sessions(active)
+                if i not in active:
                     continue
+                w = None
+                with self.ctx.isolate():  # begin / audio of this session
+                    w = feeds[i].next()
+                if w is None:
+                    if self.ctx.live(i):
+                        active.remove(i)  # the stream ended normally
+                    continue  # a failed one is ended by _end_sessions next time round
                 self._announce(i, w)
                 self._refresh_until(i)
-                self._denoise_and_pass(i, w)
-        end = Header(KIND_END).tensor()
-        for r in range(1, self.ctx.layout.world_size):
-            self.ctx.transport.send(end, r, TAG_HEADER, meta=True)
-        self._finish()
+                self._denoise_and_pass(i, w.index, w)
+        self._finish_front()
 
     def _announce(self, i: int, w: BlockWork) -> None:
         t, lay = self.ctx.transport, self.ctx.layout
@@ -395,6 +505,51 @@ class _StepRank:
         span[:len(w.audio)] = torch.from_numpy(np.asarray(w.audio, dtype=np.float32))
         t.send(header, lay.decode_rank, TAG_HEADER, meta=True)
         t.send(span, lay.decode_rank, TAG_SPAN, meta=True)
+        self.acks[i].append(t.recv((HEADER_LEN,), torch.int64, lay.decode_rank, TAG_ACK, meta=True))
+        self.issued[i] += 1
+
+    def _read_acks(self, i: int, keep: int) -> None:
+        """The decode rank's status of session i's older blocks: how rank 0 hears of decode failures."""
+        while len(self.acks[i]) > keep:
+            with self.ctx.stage("recv ack", i, transfer=True):
+                status = Status.of(self.acks[i].popleft().wait())
+            self.ctx.learn(status)
+
+    def _end_sessions(self, active: list[int]) -> None:
+        """Rank 0's last word on each session that failed (anywhere) or is cancelled: one status on the
+        header channel to every rank, after all of the session's blocks, so every rank ends it in order."""
+        for i in range(len(self.engines)):
+            if i in self.closed:
+                continue
+            status = self.ctx.failed.get(i)
+            cancel = self.cancel_after[i]
+            if status is None and i in active and cancel is not None and self.issued[i] >= cancel:
+                status = Status(KIND_CANCELLED, i, self.issued[i], self.ctx.rank, "cancel", self.issued[i])
+            if status is None:
+                continue
+            for r in range(1, self.ctx.layout.world_size):
+                self.ctx.transport.send(status.tensor(), r, TAG_HEADER, meta=True)
+            self._close(i)
+            if i in active:
+                active.remove(i)
+
+    def _finish_front(self) -> None:
+        for item in self.pending:  # x0 statuses may still report failures of last blocks
+            self._settle(item, refresh=False)
+        self.pending.clear()
+        for i in range(len(self.engines)):
+            self._read_acks(i, keep=0)
+        self._end_sessions([])
+        end = Header(KIND_END).tensor()
+        for r in range(1, self.ctx.layout.world_size):
+            self.ctx.transport.send(end, r, TAG_HEADER, meta=True)
+        self._finish()
+
+    def _close(self, i: int) -> None:
+        """The session is over (rank 0 said so): free its KV ring replica here."""
+        self.closed.add(i)
+        self.sessions[i] = None
+        self.engines[i]._session = None
 
     # ranks 1..K-1: blocks come as headers from rank 0, in rank 0's order
     def run_follower(self) -> None:
@@ -403,24 +558,36 @@ class _StepRank:
         next_header = t.recv((HEADER_LEN,), torch.int64, 0, TAG_HEADER, meta=True)
         while True:
             with self.ctx.stage("recv header", transfer=True):
-                h = Header.of(next_header.wait())
+                h = parse_header(next_header.wait())
+            if isinstance(h, Status):  # rank 0 ended this session early; none of its blocks follow
+                next_header = t.recv((HEADER_LEN,), torch.int64, 0, TAG_HEADER, meta=True)
+                self.ctx.learn(h)
+                self._close(h.session)
+                continue
             if h.kind == KIND_END:
                 break
             audio = t.recv(wire.audio, model_dtype, 0, TAG_AUDIO)
             noise = t.recv(wire.noise, torch.float32, 0, TAG_NOISE)
+            x_status = t.recv((HEADER_LEN,), torch.int64, r - 1, TAG_X_STATUS, meta=True)
             x_in = t.recv(wire.latent, torch.float32, r - 1, TAG_X)
             next_header = t.recv((HEADER_LEN,), torch.int64, 0, TAG_HEADER, meta=True)
             self._refresh_until(h.session)  # before the plan update below: the refresh uses the old plan
             w = self._follower_work(h, audio, noise)
             with self.ctx.stage("recv x", h.session, h.block, transfer=True):
-                w.x = x_in.wait()
-            self._denoise_and_pass(h.session, w)
+                x, status = x_in.wait(), Status.of(x_status.wait())
+            self.ctx.learn(status)
+            if w is not None:
+                w.x = x
+            self._denoise_and_pass(h.session, h.block, w)
         self._finish()
 
-    def _follower_work(self, h: Header, audio: _Incoming, noise: _Incoming) -> BlockWork:
+    def _follower_work(self, h: Header, audio: _Incoming, noise: _Incoming) -> BlockWork | None:
+        """The block's work, or None when its session has already failed (the inputs are still received)."""
         eng, s = self.engines[h.session], self.sessions[h.session]
         with self.ctx.stage("recv inputs", h.session, h.block, transfer=True):
             audio_cond, noise_t = audio.wait(), noise.wait()
+        if not self.ctx.live(h.session):
+            return None
         w = BlockWork(index=h.block, first_frame=h.first_frame, num_frames=h.num_frames,
                       host_plan=plan_block(h.block, eng.config.cache, eng.batch), noise=noise_t)
         # As Engine.stage_audio: block 0 carries the reference (condition mask and pinned latent frame 0).
@@ -431,39 +598,54 @@ class _StepRank:
         return w
 
     # every step rank
-    def _denoise_and_pass(self, i: int, w: BlockWork) -> None:
-        eng, s, ctx, lay = self.engines[i], self.sessions[i], self.ctx, self.ctx.layout
-        for step in self.steps:
-            with ctx.stage("denoise", i, w.index, step):
-                eng.stage_denoise(s, w, step)
+    def _denoise_and_pass(self, i: int, block: int, w: BlockWork | None) -> None:
+        ctx, lay, t = self.ctx, self.ctx.layout, self.ctx.transport
+        if ctx.live(i):
+            with ctx.isolate():
+                for step in self.steps:
+                    with ctx.stage("denoise", i, block, step):
+                        self.engines[i].stage_denoise(self.sessions[i], w, step)
+        ok = ctx.live(i)
+        status = Status(KIND_OK, i, block) if ok else ctx.failed[i].at(block)
+        x = w.x if ok else self.placeholder  # same shape either way: the receiver posted it already
         if self.is_last:
             for r in [*range(lay.last_step_rank), lay.decode_rank]:
-                ctx.transport.send(w.x, r, TAG_X0)
-            self.pending.append(_Item(i, w, None))
+                t.send(status.tensor(), r, TAG_X0_STATUS, meta=True)
+                t.send(x, r, TAG_X0)
+            if ok:
+                self.pending.append(_Item(i, block, w, None, None))
         else:
-            ctx.transport.send(w.x, ctx.rank + 1, TAG_X)
+            t.send(status.tensor(), ctx.rank + 1, TAG_X_STATUS, meta=True)
+            t.send(x, ctx.rank + 1, TAG_X)
             # Posted now (not when needed) so that every pair posts in block order: see the module doc.
-            x0 = ctx.transport.recv(self.wire.latent, torch.float32, lay.last_step_rank, TAG_X0)
-            self.pending.append(_Item(i, w, x0))
+            x0_status = t.recv((HEADER_LEN,), torch.int64, lay.last_step_rank, TAG_X0_STATUS, meta=True)
+            x0 = t.recv(self.wire.latent, torch.float32, lay.last_step_rank, TAG_X0)
+            self.pending.append(_Item(i, block, w if ok else None, x0, x0_status))
 
     def _refresh_until(self, session: int) -> None:
         """Run the pending refreshes (oldest first) up to this session's previous block: step 0 of its
         next block attends to that block's clean K/V."""
         while any(item.session == session for item in self.pending):
-            item = self.pending.popleft()
-            w = item.work
-            if item.x0 is not None:
-                with self.ctx.stage("recv x0", item.session, w.index, transfer=True):
-                    w.x = item.x0.wait()
-            with self.ctx.stage("refresh", item.session, w.index):
-                self.engines[item.session].stage_refresh(self.sessions[item.session], w)
+            self._settle(self.pending.popleft(), refresh=True)
+
+    def _settle(self, item: _Item, refresh: bool) -> None:
+        """Receive the item's x0 (and hear whether its session failed downstream), then refresh."""
+        ctx = self.ctx
+        if item.x0 is not None:
+            with ctx.stage("recv x0", item.session, item.block, transfer=True):
+                x0, status = item.x0.wait(), Status.of(item.status.wait())
+            ctx.learn(status)
+            if item.work is not None:
+                item.work.x = x0
+        if not refresh or item.work is None or not ctx.live(item.session) or item.session in self.closed:
+            return
+        with ctx.isolate(), ctx.stage("refresh", item.session, item.block):
+            self.engines[item.session].stage_refresh(self.sessions[item.session], item.work)
 
     def _finish(self) -> None:
         """Match every posted receive, then wait for our sends: no refresh is needed after the last block."""
         for item in self.pending:
-            if item.x0 is not None:
-                with self.ctx.stage("recv x0", item.session, item.work.index, transfer=True):
-                    item.x0.wait()
+            self._settle(item, refresh=False)
         self.pending.clear()
         with self.ctx.stage("drain sends", transfer=True):
             self.ctx.transport.drain()
@@ -477,41 +659,67 @@ class _DecodeRank:
         self.decoders: dict[int, object] = {}  # session -> its streaming decoder (own causal cache)
 
     def run(self) -> None:
-        t, lay, cfg = self.ctx.transport, self.ctx.layout, self.engine.config
+        t, lay, ctx = self.ctx.transport, self.ctx.layout, self.ctx
         next_header = t.recv((HEADER_LEN,), torch.int64, 0, TAG_HEADER, meta=True)
         while True:
-            with self.ctx.stage("recv header", transfer=True):
-                h = Header.of(next_header.wait())
+            with ctx.stage("recv header", transfer=True):
+                h = parse_header(next_header.wait())
+            if isinstance(h, Status):  # rank 0 ended this session early: stop its stream
+                next_header = t.recv((HEADER_LEN,), torch.int64, 0, TAG_HEADER, meta=True)
+                self._end(h)
+                continue
             if h.kind == KIND_END:
                 break
             span = t.recv((self.wire.span,), torch.float32, 0, TAG_SPAN, meta=True)
+            x0_status = t.recv((HEADER_LEN,), torch.int64, lay.last_step_rank, TAG_X0_STATUS, meta=True)
             x0 = t.recv(self.wire.latent, torch.float32, lay.last_step_rank, TAG_X0)
             next_header = t.recv((HEADER_LEN,), torch.int64, 0, TAG_HEADER, meta=True)
-            with self.ctx.stage("recv x0", h.session, h.block, transfer=True):
-                x = x0.wait()
+            with ctx.stage("recv x0", h.session, h.block, transfer=True):
+                x, status = x0.wait(), Status.of(x0_status.wait())
                 audio = span.wait()[:h.num_samples].numpy().copy()
-            start = time.perf_counter()
-            with self.ctx.stage("decode", h.session, h.block):
-                decoder = self.decoders.setdefault(h.session, self.engine.new_decoder())
-                frames = frames_uint8(decoder.decode(x.to(self.engine.dtype)))
-            block = VideoBlock(index=h.block, frames=frames, first_frame=h.first_frame, pts=h.first_frame / cfg.fps,
-                               audio=audio, timings={"decode": time.perf_counter() - start})
-            with self.ctx.stage("emit", h.session, h.block):
-                self.sink(h.session, block)
-        with self.ctx.stage("drain sends", transfer=True):
+            ctx.learn(status)
+            if ctx.live(h.session):
+                with ctx.isolate():
+                    self._decode_and_emit(h, x, audio)
+            ack = Status(KIND_OK, h.session, h.block) if ctx.live(h.session) else ctx.failed[h.session].at(h.block)
+            t.send(ack.tensor(), 0, TAG_ACK, meta=True)
+        with ctx.stage("drain sends", transfer=True):
             t.drain()
+
+    def _decode_and_emit(self, h: Header, x: torch.Tensor, audio: np.ndarray) -> None:
+        start = time.perf_counter()
+        with self.ctx.stage("decode", h.session, h.block):
+            decoder = self.decoders.setdefault(h.session, self.engine.new_decoder())
+            frames = frames_uint8(decoder.decode(x.to(self.engine.dtype)))
+        block = VideoBlock(index=h.block, frames=frames, first_frame=h.first_frame, pts=h.first_frame / self.engine.config.fps,
+                           audio=audio, timings={"decode": time.perf_counter() - start})
+        with self.ctx.stage("emit", h.session, h.block):
+            self.sink(h.session, block)
+
+    def _end(self, status: Status) -> None:
+        self.ctx.learn(status)
+        self.decoders.pop(status.session, None)
+        end = getattr(self.sink, "end", None)
+        if end is not None:
+            with self.ctx.stage("end stream", status.session, status.origin):  # not isolated: a sink bug is fatal
+                end(status.session, status)
 
 
 # ---- running one rank --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """One stream (session): its audio (16 kHz mono), reference image and noise seed."""
+    """One stream (session): its audio (16 kHz mono), reference image and noise seed.
+
+    cancel_after_blocks: rank 0 cancels the session once it has issued that many blocks (a hook for a
+    cancel arriving mid-stream); the blocks issued so far are still decoded and returned.
+    """
 
     audio: np.ndarray
     image: object  # path or uint8 HxWx3 array
     seed: int = 0
     prompt_embeds: np.ndarray | None = None
+    cancel_after_blocks: int | None = None
 
 
 @dataclass
@@ -549,11 +757,15 @@ def _build_engines(job: _Job, device: torch.device, count: int) -> list[_FrontEn
 
 
 def serve_rank(rank: int, job: _Job, device: torch.device, sink: Callable[[int, VideoBlock], None] | None,
-               meta_group) -> list[StageEvent]:
-    """Run this rank's part of the pipeline to the end of every stream; returns its stage trace."""
+               meta_group, report: Callable[[dict], None] | None = None) -> list[StageEvent]:
+    """Run this rank's part of the pipeline to the end of every stream; returns its stage trace.
+
+    A stage failure of one session fails only that session: `report` gets it (default: logged) and the
+    rank goes on with the other sessions. The sink's optional `end(session, Status)` hears of every
+    session that ended early (failed or cancelled)."""
     layout = Layout(job.world_size, _config_of(job.model).sampler.num_steps)
     fail = FailSpec.parse(job.fail_at or os.environ.get(FAIL_ENV))
-    ctx = _Rank(rank, layout, _Transport(device, meta_group), fail, job.stage_sleep_s)
+    ctx = _Rank(rank, layout, _Transport(device, meta_group), fail, job.stage_sleep_s, report)
     if rank == layout.decode_rank:
         if sink is None:
             raise ValueError("the decode rank needs a sink for its video blocks")
@@ -564,7 +776,8 @@ def serve_rank(rank: int, job: _Job, device: torch.device, sink: Callable[[int, 
     for i, (eng, spec) in enumerate(zip(engines, job.streams)):
         eng.rank_ctx, eng.stream_index = ctx, i
         eng.reset(spec.image, prompt_embeds=spec.prompt_embeds, seed=spec.seed)
-    step_rank = _StepRank(ctx, engines, _Wire.of(engines[0].config, engines[0].batch))
+    step_rank = _StepRank(ctx, engines, _Wire.of(engines[0].config, engines[0].batch),
+                          [spec.cancel_after_blocks for spec in job.streams])
     if rank == 0:
         step_rank.run_front([_StreamFeed(e, s.audio) for e, s in zip(engines, job.streams)])
     else:
@@ -576,9 +789,17 @@ def serve_rank(rank: int, job: _Job, device: torch.device, sink: Callable[[int, 
 
 @dataclass
 class PipelineRun:
-    blocks: list[list[VideoBlock]]  # per stream, in order
+    blocks: list[list[VideoBlock]]  # per stream, in order (a failed or cancelled one: the blocks it produced)
     trace: list[StageEvent]         # compute stages of every rank (perf_counter times)
     wall_s: float
+    errors: dict[int, PipelineError] = field(default_factory=dict)  # session -> why it failed
+    cancelled: set[int] = field(default_factory=set)                # sessions cancelled (and not failed)
+
+    def result(self, session: int) -> list[VideoBlock]:
+        """The session's blocks; raises its PipelineError if it failed."""
+        if session in self.errors:
+            raise self.errors[session]
+        return self.blocks[session]
 
 
 class _FileSink:
@@ -597,17 +818,29 @@ class _FileSink:
         with open(self.root / "blocks.jsonl", "a") as f:
             f.write(json.dumps(meta) + "\n")
 
-    def read(self, streams: int) -> list[list[VideoBlock]]:
+    def end(self, session: int, status: Status) -> None:
+        """A session that rank 0 ended early: failed (where, from the status header) or cancelled."""
+        meta = {"session": session, "end": "failed" if status.kind == KIND_FAILED else "cancelled",
+                "rank": status.rank, "stage": status.stage, "block": status.origin}
+        with open(self.root / "blocks.jsonl", "a") as f:
+            f.write(json.dumps(meta) + "\n")
+
+    def read(self, streams: int) -> tuple[list[list[VideoBlock]], dict[int, dict]]:
+        """Blocks per stream, and the end records of the sessions that ended early."""
         out: list[list[VideoBlock]] = [[] for _ in range(streams)]
+        ends: dict[int, dict] = {}
         index = self.root / "blocks.jsonl"
         for line in index.read_text().splitlines() if index.exists() else []:
             m = json.loads(line)
+            if "end" in m:
+                ends[m["session"]] = m
+                continue
             stem = self.root / "blocks" / f"s{m['session']}_b{m['index']}"
             out[m["session"]].append(VideoBlock(
                 index=m["index"], frames=np.load(f"{stem}_frames.npy", allow_pickle=False),
                 first_frame=m["first_frame"], pts=m["pts"],
                 audio=np.load(f"{stem}_audio.npy", allow_pickle=False), timings=m["timings"]))
-        return out
+        return out, ends
 
 
 def _spawned_rank(rank: int, job: _Job, root: str, backend: str) -> None:
@@ -622,7 +855,8 @@ def _spawned_rank(rank: int, job: _Job, root: str, backend: str) -> None:
         dist.init_process_group(backend, store=store, rank=rank, world_size=job.world_size, timeout=timeout)
         meta = dist.new_group(backend="gloo", timeout=timeout)
         decode = rank == job.world_size - 1
-        events = serve_rank(rank, job, device, _FileSink(Path(root)) if decode else None, meta)
+        report = functools.partial(_report_session_error, Path(root))
+        events = serve_rank(rank, job, device, _FileSink(Path(root)) if decode else None, meta, report)
         Path(root, f"trace{rank}.json").write_text(json.dumps([asdict(e) for e in events]))
         dist.destroy_process_group()
     except BaseException as e:  # noqa: BLE001 - every failure must reach the driver
@@ -642,24 +876,58 @@ def _report_error(root: Path, rank: int, job: _Job, e: BaseException) -> None:
         info = {"role": role, "stage": "setup", "session": -1, "block": -1, "transfer": False,
                 "cause": f"{type(e).__name__}: {e}"}
     info.update(rank=rank, time=time.time(), traceback=traceback.format_exc())
-    tmp = root / f"error{rank}.json.tmp"
-    tmp.write_text(json.dumps(info))
-    tmp.replace(root / f"error{rank}.json")
+    _write_json(root / f"error{rank}.json", info)
     print(f"[pipeline rank {rank}] {info['stage']}: {info['cause']}", flush=True)
+
+
+def _report_session_error(root: Path, info: dict) -> None:
+    """A rank failed one session (the run goes on): the driver reads this back for PipelineRun.errors."""
+    _write_json(root / f"failed_s{info['session']}_r{info['rank']}.json", info)
+    print(f"[pipeline rank {info['rank']}] session {info['session']} failed in {info['stage']} "
+          f"(block {info['block']}): {info['cause']}", flush=True)
+
+
+def _write_json(path: Path, info: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.replace(path)
+
+
+def _error_of(r: dict) -> PipelineError:
+    where = f"stage '{r['stage']}'" + (f" (session {r['session']}, block {r['block']})" if r["block"] >= 0 else "")
+    return PipelineError(f"pipeline rank {r['rank']} ({r['role']}) failed in {where}: {r['cause']}\n"
+                         f"--- rank {r['rank']} traceback ---\n{r['traceback']}",
+                         rank=r["rank"], role=r["role"], stage=r["stage"], session=r["session"], block=r["block"])
 
 
 def _root_cause(root: Path, procs) -> PipelineError:
     """The first failure that is not a peer noticing it (waits on a dead peer fail too, later)."""
     reports = [json.loads(p.read_text()) for p in sorted(root.glob("error*.json"))]
     if reports:
-        r = min(reports, key=lambda e: (e["transfer"], e["time"]))
-        where = f"stage '{r['stage']}'" + (f" (session {r['session']}, block {r['block']})" if r["block"] >= 0 else "")
-        return PipelineError(f"pipeline rank {r['rank']} ({r['role']}) failed in {where}: {r['cause']}\n"
-                             f"--- rank {r['rank']} traceback ---\n{r['traceback']}",
-                             rank=r["rank"], role=r["role"], stage=r["stage"], session=r["session"], block=r["block"])
+        return _error_of(min(reports, key=lambda e: (e["transfer"], e["time"])))
     dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
     return PipelineError(f"pipeline ranks exited without reporting an error: {dead} (rank, exit code)",
                          rank=dead[0][0] if dead else None)
+
+
+def _session_errors(root: Path, layout: Layout, ends: dict[int, dict]) -> dict[int, PipelineError]:
+    """Per failed session, the failing rank's own report. When ranks failed a session independently
+    before hearing of each other, the one rank 0 announced (the decode rank's end record) wins."""
+    reports: dict[int, list[dict]] = {}
+    for path in sorted(root.glob("failed_s*_r*.json")):
+        r = json.loads(path.read_text())
+        reports.setdefault(r["session"], []).append(r)
+    errors = {}
+    for session, rs in reports.items():
+        end = ends.get(session, {})
+        told = [r for r in rs if (r["rank"], r["stage"], r["block"]) == (end.get("rank"), end.get("stage"),
+                                                                             end.get("block"))]
+        errors[session] = _error_of(min(told or rs, key=lambda r: r["time"]))
+    for session, end in ends.items():  # announced as failed, but the failing rank's report is missing
+        if end["end"] == "failed" and session not in errors:
+            errors[session] = _error_of({**end, "session": session, "role": layout.role(end["rank"]),
+                                         "cause": "(no report from that rank)", "traceback": ""})
+    return errors
 
 
 def _stop(procs, grace_s: float) -> None:
@@ -689,34 +957,42 @@ def _check_streams(cfg: EngineConfig, streams: Sequence[StreamSpec]) -> list[Str
             raise TypeError(f"stream {i} must be a StreamSpec, got {type(s).__name__}")
         audio = check_chunk(s.audio, cfg.audio.sample_rate, cfg.audio.sample_rate)
         load_image(s.image)  # raises on a bad image before any process starts
-        out.append(StreamSpec(audio, s.image, int(s.seed), s.prompt_embeds))
+        cancel = s.cancel_after_blocks
+        if cancel is not None and (isinstance(cancel, bool) or not isinstance(cancel, int) or cancel < 0):
+            raise ValueError(f"stream {i}: cancel_after_blocks must be an int >= 0 or None, got {cancel!r}")
+        out.append(StreamSpec(audio, s.image, int(s.seed), s.prompt_embeds, cancel))
     return out
 
 
 def run_pipeline_streams(model: str | EngineConfig, world_size: int, streams: Sequence[StreamSpec], *,
                          backend: str = "gloo", dtype: str | None = None, ops_backend: str = "auto",
                          weights_seed: int = 0, timeout_s: float = 600.0, comm_timeout_s: float = 120.0,
-                         threads_per_rank: int = 1, fail_at: str | None = None,
+                         threads_per_rank: int = 1, fail_at: str | FailSpec | None = None,
                          stage_sleep_s: dict[str, float] | None = None,
                          start_method: str = "forkserver") -> PipelineRun:
     """Run streams through a `world_size`-process pipeline on this machine; blocks come back per stream.
 
     model: a preset name (seeded random weights), a LiveTalk release directory, or an EngineConfig.
-    fail_at ("RANK:STAGE[:BLOCK]", else $RUNTIME_PIPELINE_FAIL) and stage_sleep_s (stage -> seconds) are
-    test hooks. start_method "forkserver" imports the runtime once per driver process and forks ranks
-    from it (seconds saved per rank and run); "spawn" starts every rank from scratch. Raises PipelineError naming the rank and stage of the first failure; every rank process
-    is ended before it returns or raises.
+    fail_at (a FailSpec or "RANK:STAGE[:BLOCK[:SESSION]]", else $RUNTIME_PIPELINE_FAIL) and stage_sleep_s
+    (stage -> seconds) are test hooks. start_method "forkserver" imports the runtime once per driver
+    process and forks ranks from it (seconds saved per rank and run); "spawn" starts every rank from
+    scratch.
+
+    A stage failure of one session fails only that session: the run goes on, and `errors[session]` is a
+    PipelineError naming its rank, role, stage and block (`blocks[session]` keeps the blocks decoded
+    before it). Failures not attributable to one session (a rank dying, a peer wait failing, the
+    timeout) raise PipelineError for the whole run. Every rank process is ended before it returns or raises.
     """
     cfg = _config_of(model)
     layout = Layout(world_size, cfg.sampler.num_steps)
     # Resolved here: forkserver children inherit the server's environment, not the driver's current one.
-    fail_at = fail_at or os.environ.get(FAIL_ENV)
-    if (spec := FailSpec.parse(fail_at)) is not None:
-        spec.check(layout)
+    spec = FailSpec.parse(fail_at or os.environ.get(FAIL_ENV))
+    if spec is not None:
+        spec.check(layout, len(streams))
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
-    job = _Job(model, world_size, _check_streams(cfg, streams), dtype, ops_backend, weights_seed, fail_at,
-               dict(stage_sleep_s or {}), comm_timeout_s, threads_per_rank)
+    job = _Job(model, world_size, _check_streams(cfg, streams), dtype, ops_backend, weights_seed,
+               str(spec) if spec else None, dict(stage_sleep_s or {}), comm_timeout_s, threads_per_rank)
     root = Path(tempfile.mkdtemp(prefix="pipeline-"))
     ctx = _process_context(start_method)
     procs = [ctx.Process(target=_spawned_rank, args=(r, job, str(root), backend), daemon=True,
@@ -727,9 +1003,11 @@ def run_pipeline_streams(model: str | EngineConfig, world_size: int, streams: Se
             p.start()
         _wait(procs, root, start + timeout_s)
         wall = time.perf_counter() - start
-        blocks = _FileSink(root).read(len(job.streams))
+        blocks, ends = _FileSink(root).read(len(job.streams))
         trace = [StageEvent(**e) for r in range(world_size) for e in json.loads((root / f"trace{r}.json").read_text())]
-        return PipelineRun(blocks, trace, wall)
+        errors = _session_errors(root, layout, ends)
+        cancelled = {s for s, e in ends.items() if e["end"] == "cancelled" and s not in errors}
+        return PipelineRun(blocks, trace, wall, errors, cancelled)
     finally:
         _stop(procs, 0)
         shutil.rmtree(root, ignore_errors=True)
@@ -764,8 +1042,9 @@ def _wait(procs, root: Path, deadline: float) -> None:
 
 def run_pipeline(model: str | EngineConfig, world_size: int, audio: np.ndarray, image, seed: int = 0,
                  **kwargs) -> list[VideoBlock]:
-    """One stream through the pipeline: the same blocks as Engine.reset(image, seed) + step(audio) + flush()."""
-    return run_pipeline_streams(model, world_size, [StreamSpec(audio, image, seed)], **kwargs).blocks[0]
+    """One stream through the pipeline: the same blocks as Engine.reset(image, seed) + step(audio) + flush().
+    Raises PipelineError (rank, role, stage, block) if the stream fails."""
+    return run_pipeline_streams(model, world_size, [StreamSpec(audio, image, seed)], **kwargs).result(0)
 
 
 # ---- torchrun entry point ------------------------------------------------------------------------------
@@ -783,9 +1062,19 @@ class _Mp4Sink:
         log.info("stream %d block %d: %d frames at %.2f s (decode %.1f ms)", session, block.index,
                  block.num_frames, time.perf_counter() - self.start, 1e3 * block.timings["decode"])
 
+    def end(self, session: int, status: Status) -> None:
+        """A stream that ended early: keep what was written, close its file."""
+        how = "failed" if status.kind == KIND_FAILED else "cancelled"
+        log.warning("stream %d %s at rank %d, stage %s, block %d: closing its file", session, how,
+                    status.rank, status.stage, status.origin)
+        if self.writers[session] is not None:
+            self.writers[session].close()
+            self.writers[session] = None
+
     def close(self) -> None:
         for w in self.writers:
-            w.close()
+            if w is not None:
+                w.close()
 
 
 def _parse_args(argv):

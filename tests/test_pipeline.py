@@ -15,12 +15,18 @@ from runtime.config import EngineConfig
 from runtime.engine import Engine
 from runtime.media import synth_speech_like
 from runtime.pipeline import (
+    ACK_LAG,
     FAIL_ENV,
+    KIND_CANCELLED,
+    KIND_FAILED,
+    KIND_OK,
     FailSpec,
     Header,
     Layout,
     PipelineError,
+    Status,
     StreamSpec,
+    parse_header,
     run_pipeline,
     run_pipeline_streams,
 )
@@ -94,10 +100,28 @@ def test_header_round_trip_and_corruption():
         Header.of(torch.zeros(8, dtype=torch.int64))
 
 
+def test_status_round_trip_and_corruption():
+    for st in (Status(KIND_OK, 1, 4), Status(KIND_FAILED, 2, 5, rank=3, stage="decode", origin=4),
+               Status(KIND_CANCELLED, 0, 2, rank=0, stage="cancel", origin=2)):
+        assert Status.of(st.tensor()) == st and st.tensor().shape == (8,)
+    failed = Status(KIND_FAILED, 1, 2, rank=2, stage="refresh", origin=2)
+    assert failed.at(3) == Status(KIND_FAILED, 1, 3, rank=2, stage="refresh", origin=2)
+    assert parse_header(failed.tensor()) == failed  # rank 0's last word on a session, on the header channel
+    assert parse_header(Header(1, session=1, block=3).tensor()) == Header(1, session=1, block=3)
+    with pytest.raises(RuntimeError, match="corrupt pipeline status"):
+        Status.of(torch.tensor([KIND_FAILED, 1, 2, 0, 99, 0, 0, 0]))
+    with pytest.raises(RuntimeError, match="corrupt pipeline header"):
+        parse_header(torch.tensor([42, 0, 0, 0, 0, 0, 0, 0]))
+
+
 def test_fail_spec_parsing():
     assert FailSpec.parse("2:decode:1") == FailSpec(2, "decode", 1)
     assert FailSpec.parse("1:denoise").matches(1, "denoise", 5)
-    for bad in ("1", "x:denoise", "1:nope", "1:denoise:x"):
+    spec = FailSpec.parse("1:refresh:2:1")
+    assert spec == FailSpec(1, "refresh", 2, 1) and str(spec) == "1:refresh:2:1"
+    assert spec.matches(1, "refresh", 2, 1) and not spec.matches(1, "refresh", 2, 0)
+    assert FailSpec.parse(spec) is spec and str(FailSpec(2, "decode")) == "2:decode"
+    for bad in ("1", "x:denoise", "1:nope", "1:denoise:x", "1:denoise:1:x", "1:denoise:1:1:1"):
         with pytest.raises(ValueError, match="RANK:STAGE"):
             FailSpec.parse(bad)
 
@@ -208,9 +232,105 @@ def test_a_stuck_rank_times_out():
     ({"audio": np.ones((2, 100), np.float32)}, "1-D mono"),
     ({"audio": np.full(100, 2.0, np.float32)}, r"\[-1, 1\]"),
     ({"image": "/nonexistent/face.png"}, "face.png"),
+    ({"fail_at": "1:denoise:2:1"}, "names session 1, there are 1 streams"),
+    ({"fail_at": FailSpec(1, "denoise", None, 0)}, "needs a block"),
 ])
 def test_bad_arguments_raise_before_spawning(kwargs, match):
     args = {"model": PRESET, "world_size": 3, "audio": speech(0.5, seed=0), "image": image(0)} | kwargs
     with pytest.raises((ValueError, FileNotFoundError, OSError), match=match):
         run_pipeline(**args)
     assert no_rank_left()
+
+
+def test_bad_cancel_raises_before_spawning():
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="cancel_after_blocks must be an int >= 0"):
+            run_pipeline_streams(PRESET, 3, [StreamSpec(speech(0.5, seed=0), image(0), cancel_after_blocks=bad)])
+    assert no_rank_left()
+
+
+# ---- one session fails or is cancelled: the others finish, bit for bit -------------------------------
+
+@pytest.fixture(scope="module")
+def three_streams(config, one_thread):
+    """Session 1 is the longest (7 blocks), so it still has blocks to issue when it fails at block 2."""
+    streams = [StreamSpec(speech(2.2, seed=1), image(1), seed=11),
+               StreamSpec(speech(4.4, seed=2), image(2), seed=12),
+               StreamSpec(speech(2.9, seed=3), image(3), seed=13)]
+    wants = [reference(config, s.audio, s.image, s.seed) for s in streams]
+    assert [len(w) for w in wants] == [4, 7, 5]
+    return streams, wants
+
+
+def issued(run, session):
+    """Blocks of the session that rank 0 issued (ran the audio of)."""
+    return sorted(e.block for e in run.trace if e.rank == 0 and e.stage == "audio" and e.session == session)
+
+
+# (world, failing spec for session 1, role, blocks of session 1 decoded before it failed)
+ISOLATED_FAILURES = [
+    (5, "2:denoise:2:1", "step 2", 2),      # a middle step rank
+    (3, "1:denoise:2:1", "steps 2-3", 2),   # the last step rank (sends the FAILED x0 status itself)
+    (3, "0:refresh:2:1", "steps 0-1 + audio", 3),
+    (5, "1:refresh:2:1", "step 1", 3),      # x0 of block 2 was fine; block 3 is not denoised
+    (3, "2:decode:2:1", "decode", 2),       # rank 0 hears of it through the decode rank's status
+    (5, "0:audio:2:1", "step 0 + audio", 2),
+    (5, "4:emit:2:1", "decode", 2),
+]
+
+
+@pytest.mark.parametrize("world,spec,role,kept", ISOLATED_FAILURES)
+def test_a_failing_stage_fails_only_its_session(three_streams, world, spec, role, kept):
+    streams, wants = three_streams
+    rank, stage, block, _ = spec.split(":")
+    run = run_pipeline_streams(PRESET, world, streams, timeout_s=120, fail_at=spec)
+    assert set(run.errors) == {1} and not run.cancelled
+    e = run.errors[1]
+    assert (e.rank, e.role, e.stage, e.session, e.block) == (int(rank), role, stage, 1, int(block))
+    assert f"pipeline rank {rank} ({role}) failed in stage '{stage}' (session 1, block 2)" in str(e)
+    assert "InjectedFailure" in str(e)
+    with pytest.raises(PipelineError, match=f"failed in stage '{stage}'"):
+        run.result(1)
+    assert_same_blocks(run.result(0), wants[0])
+    assert_same_blocks(run.result(2), wants[2])
+    assert_same_blocks(run.blocks[1], wants[1][:kept])  # what it produced before failing is right too
+    # Rank 0 stopped issuing session 1 soon after: the decode rank's status is read ACK_LAG blocks late.
+    assert issued(run, 1)[-1] <= int(block) + ACK_LAG + 1 < len(wants[1]) - 1
+    # A step rank's failure reaches every step rank with the block's x0: no refresh of session 1 after
+    # the failed block anywhere (the decode rank's failure reaches them only through rank 0).
+    if stage not in ("decode", "emit"):
+        assert not [ev for ev in run.trace if ev.session == 1 and ev.stage == "refresh" and ev.block > int(block)]
+        assert not [ev for ev in run.trace if ev.session == 1 and ev.stage == "denoise" and ev.block > int(block) + 1]
+    assert no_rank_left()
+
+
+@pytest.mark.parametrize("world", [3, 5])
+def test_cancel_one_session_mid_pipeline(three_streams, world):
+    streams, wants = three_streams
+    streams = [streams[0], StreamSpec(streams[1].audio, streams[1].image, streams[1].seed, cancel_after_blocks=2),
+               streams[2]]
+    run = run_pipeline_streams(PRESET, world, streams, timeout_s=120)
+    assert run.cancelled == {1} and not run.errors
+    assert issued(run, 1) == [0, 1]
+    assert_same_blocks(run.result(1), wants[1][:2])  # ends cleanly with the blocks issued before
+    assert_same_blocks(run.result(0), wants[0])
+    assert_same_blocks(run.result(2), wants[2])
+    assert no_rank_left()
+
+
+def test_every_session_can_fail_and_the_run_still_ends(three_streams):
+    streams, _ = three_streams
+    run = run_pipeline_streams(PRESET, 3, streams, timeout_s=120, fail_at="1:denoise:1")  # block 1 of each
+    assert sorted(run.errors) == [0, 1, 2]
+    assert {(e.rank, e.stage, e.block) for e in run.errors.values()} == {(1, "denoise", 1)}
+    assert [len(b) for b in run.blocks] == [1, 1, 1]
+    assert no_rank_left()
+
+
+def test_cancel_before_any_block(three_streams):
+    streams, wants = three_streams
+    streams = [StreamSpec(streams[0].audio, streams[0].image, streams[0].seed, cancel_after_blocks=0),
+               streams[2]]
+    run = run_pipeline_streams(PRESET, 3, streams, timeout_s=120)
+    assert run.cancelled == {0} and run.blocks[0] == [] and issued(run, 0) == []
+    assert_same_blocks(run.result(1), wants[2])
