@@ -23,6 +23,13 @@ Every rank posts its operations in block order, and within a block in the order
 inputs -> x_t hops -> x0, so both ends of every pair post in the same order (NCCL matches
 point-to-point operations of a pair in issue order).
 
+Failure isolation: every x / x0 hop carries an int64[8] Status on the meta group, and the decode rank
+returns one per block to rank 0. A stage failure of session S sends a zero placeholder with a FAILED
+status (rank, stage, block) in place of S's data, so every announced block keeps exactly the same
+data transfers; rank 0 then stops issuing S and sends a FAILED (or, for a cancel, CANCELLED) status
+on the header channel, after which every rank frees S. Other sessions run on; waits on peers,
+timeouts and failures outside a session still end the whole run.
+
 Drivers: `run_pipeline` / `run_pipeline_streams` spawn the ranks on this machine (gloo on CPU: tests);
 `main()` runs under torchrun (one process per GPU):
     torchrun --nproc-per-node 5 -m runtime.pipeline --model tiny --out out.mp4
