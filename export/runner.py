@@ -254,6 +254,7 @@ class ExportedVAE:
         if missing:
             raise ValueError(f"missing VAE stage programs: {', '.join(missing)}")
         self.config = config.vae
+        self.spatial_factor = config.vae.spatial_factor
         self.latent_hw = config.latent_hw
         self.encode_program, self.first_program, self.step_program = (programs[s] for s in VAE_STAGES)
         self.device, self.dtype = torch.device(device), dtype  # as WanVAE.device / .dtype

@@ -47,6 +47,8 @@ from torch import nn
 
 from runtime.checkpoint import CheckpointError, load_into
 
+from .streaming import StreamingDecoder
+
 __all__ = ["RELEASE_WIDTHS", "TIME_UPSCALE", "StreamingTAEHVDecoder", "TAEHVDecoder"]
 
 RELEASE_WIDTHS = (256, 128, 64, 64)  # upstream n_f
@@ -273,49 +275,5 @@ class TAEHVDecoder(nn.Module):
         return _to_video(x, b)[:, :, FRAMES_TO_TRIM:]
 
 
-class StreamingTAEHVDecoder:
-    """Stateful wrapper over `TAEHVDecoder.decode_step`, the API of `StreamingVAEDecoder`.
-
-    `decode(z_block)` takes normalised latents [B, z, n, h, w] and returns the video frames they
-    determine: 1 + 4(n-1) for the first block of a stream, 4n afterwards. Nothing is held back, so
-    `flush()` returns an empty [B, 3, 0, H, W]. `reset()` starts a new stream.
-    """
-
-    def __init__(self, decoder: TAEHVDecoder, batch: int = 1):
-        if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
-        self.decoder = decoder
-        self.batch = batch
-        self.reset()
-
-    def reset(self) -> None:
-        self.cache: list[torch.Tensor] | None = None  # None until the stream's first latent frame
-        self.latent_hw: tuple[int, int] | None = None
-
-    @property
-    def started(self) -> bool:
-        return self.cache is not None
-
-    def _check_block(self, z: torch.Tensor) -> None:
-        if z.dim() != 5 or z.shape[0] != self.batch or z.shape[2] < 1:
-            raise ValueError(f"decode: expected [{self.batch}, z, n>=1, h, w], got {tuple(z.shape)}")
-        hw = (z.shape[3], z.shape[4])
-        if self.started and hw != self.latent_hw:
-            raise ValueError(f"decode: latent size changed from {self.latent_hw} to {hw} mid-stream; "
-                             "call reset() first")
-
-    @torch.no_grad()
-    def decode(self, z_block: torch.Tensor) -> torch.Tensor:
-        self._check_block(z_block)
-        first = not self.started
-        frames, self.cache = self.decoder.decode_step(z_block, self.cache, first=first)
-        if first:
-            self.latent_hw = (z_block.shape[3], z_block.shape[4])
-        return frames
-
-    def flush(self) -> torch.Tensor:
-        """Nothing is pending (causal decoder): an empty [B, 3, 0, H, W] (H = W = 0 before any decode)."""
-        s = self.decoder.spatial_factor
-        h, w = self.latent_hw if self.latent_hw is not None else (0, 0)
-        return torch.zeros((self.batch, IMAGE_CHANNELS, 0, h * s, w * s),
-                           device=self.decoder.device, dtype=self.decoder.dtype)
+# TAEHV streams through the shared wrapper (runtime/models/streaming.py), as the Wan VAE does.
+StreamingTAEHVDecoder = StreamingDecoder

@@ -37,6 +37,8 @@ from torch.nn.modules.utils import _triple
 
 from runtime.config import VAEConfig
 
+from .streaming import StreamingDecoder
+
 __all__ = ["CACHE_T", "LATENT_MEAN", "LATENT_STD", "StreamingVAEDecoder", "WanVAE"]
 
 CACHE_T = 2  # past frames kept per temporal site (temporal kernel 3 - 1)
@@ -469,6 +471,10 @@ class WanVAE(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.conv2.weight.dtype
 
+    @property
+    def spatial_factor(self) -> int:
+        return self.config.spatial_factor
+
     def decode_cache_layout(self, h: int, w: int) -> list[tuple[int, int, int, int]]:
         """Per cache entry (channels, CACHE_T, height, width) for a latent of h x w (batch excluded)."""
         return [(c, CACHE_T, hh, ww) for c, hh, ww in self.decoder.cache_layout(h, w)]
@@ -497,54 +503,5 @@ class WanVAE(nn.Module):
         return frames, state.finish()
 
 
-class StreamingVAEDecoder:
-    """Stateful wrapper over `WanVAE.decode_step` (taehv-style API).
-
-    `decode(z_block)` takes normalised latents [B, z, n, h, w] and returns the video frames they
-    determine: 1 + tf*(n-1) for the first block of a stream, tf*n afterwards. The decoder is causal
-    and holds nothing back, so every frame is returned as soon as its latent arrives and `flush()`
-    returns an empty [B, 3, 0, H, W]. `reset()` starts a new stream.
-    """
-
-    def __init__(self, vae: WanVAE, batch: int = 1):
-        if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
-        self.vae = vae
-        self.batch = batch
-        self.reset()
-
-    def reset(self) -> None:
-        self.cache: list[torch.Tensor] | None = None  # None until the stream's first latent frame
-        self.latent_hw: tuple[int, int] | None = None
-
-    @property
-    def started(self) -> bool:
-        return self.cache is not None
-
-    def _check_block(self, z: torch.Tensor) -> None:
-        if z.dim() != 5 or z.shape[0] != self.batch or z.shape[2] < 1:
-            raise ValueError(f"decode: expected [{self.batch}, z, n>=1, h, w], got {tuple(z.shape)}")
-        hw = (z.shape[3], z.shape[4])
-        if self.started and hw != self.latent_hw:
-            raise ValueError(f"decode: latent size changed from {self.latent_hw} to {hw} mid-stream; "
-                             "call reset() first")
-
-    @torch.no_grad()
-    def decode(self, z_block: torch.Tensor) -> torch.Tensor:
-        self._check_block(z_block)
-        parts = []
-        if not self.started:
-            self.latent_hw = (z_block.shape[3], z_block.shape[4])
-            frames, self.cache = self.vae.decode_step(z_block[:, :, :1], None, first=True)
-            parts.append(frames)
-            z_block = z_block[:, :, 1:]
-        if z_block.shape[2] > 0:
-            frames, self.cache = self.vae.decode_step(z_block, self.cache, first=False)
-            parts.append(frames)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-
-    def flush(self) -> torch.Tensor:
-        """Nothing is pending (causal decoder): an empty [B, 3, 0, H, W] (H = W = 0 before any decode)."""
-        s = self.vae.config.spatial_factor
-        h, w = self.latent_hw if self.latent_hw is not None else (0, 0)
-        return torch.zeros((self.batch, 3, 0, h * s, w * s), device=self.vae.device, dtype=self.vae.dtype)
+# The Wan VAE's streaming decoder is the shared wrapper (runtime/models/streaming.py).
+StreamingVAEDecoder = StreamingDecoder
