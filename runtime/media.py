@@ -162,15 +162,21 @@ def _decode_planar_float(container, stream) -> np.ndarray:
     return np.concatenate(chunks, axis=1).astype(np.float32, copy=False)
 
 
-def write_wav(path, samples: np.ndarray, sample_rate: int) -> None:
-    """Write mono float samples in [-1, 1] as 16-bit PCM wav (stdlib `wave`, no extra dependency)."""
+def _mono_float_audio(who: str, samples) -> np.ndarray:
+    """Mono, floating-point, finite samples (as given), or an error naming what is wrong."""
     x = np.asarray(samples)
     if x.ndim != 1:
-        raise ValueError(f"write_wav takes mono samples of shape [n], got {x.shape}")
+        raise ValueError(f"{who}: audio must be mono samples of shape [n], got {x.shape}")
     if not np.issubdtype(x.dtype, np.floating):
-        raise TypeError(f"write_wav takes float samples in [-1, 1], got dtype {x.dtype}")
+        raise TypeError(f"{who}: audio must be float samples in [-1, 1], got dtype {x.dtype}")
     if not np.isfinite(x).all():
-        raise ValueError("write_wav: samples contain NaN or Inf")
+        raise ValueError(f"{who}: audio contains NaN or Inf")
+    return x
+
+
+def write_wav(path, samples: np.ndarray, sample_rate: int) -> None:
+    """Write mono float samples in [-1, 1] as 16-bit PCM wav (stdlib `wave`, no extra dependency)."""
+    x = _mono_float_audio("write_wav", samples)
     # Scale by 32768 (the inverse of read_wav's int16 -> float), so a round trip only rounds.
     pcm = np.clip(np.round(x.astype(np.float64) * 32768.0), -32768, 32767).astype("<i2")
     with wave.open(str(path), "wb") as w:
@@ -355,14 +361,7 @@ class Mp4Writer:
 
     @staticmethod
     def _check_audio(audio) -> np.ndarray:
-        x = np.asarray(audio)
-        if x.ndim != 1:
-            raise ValueError(f"audio must be mono samples of shape [n], got {x.shape}")
-        if not np.issubdtype(x.dtype, np.floating):
-            raise TypeError(f"audio must be float samples in [-1, 1], got dtype {x.dtype}")
-        if not np.isfinite(x).all():
-            raise ValueError("audio contains NaN or Inf")
-        return np.ascontiguousarray(x, dtype=np.float32)
+        return np.ascontiguousarray(_mono_float_audio("Mp4Writer", audio), dtype=np.float32)
 
     def _check_open(self) -> None:
         if self._closed:
