@@ -87,14 +87,18 @@ def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
 
 def check_keys(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str = "model") -> None:
     """Raise CheckpointError naming every missing, unexpected and mis-shaped key."""
-    expected = module.state_dict()
+    check_shapes({k: v.shape for k, v in module.state_dict().items()}, state, what)
+
+
+def check_shapes(expected: dict[str, torch.Size], state: dict[str, torch.Tensor], what: str = "model") -> None:
+    """As check_keys, against a table of key -> shape (for checkpoints in another model's key layout)."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    misshaped = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                       for k in set(expected) & set(state) if state[k].shape != expected[k].shape)
+    misshaped = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+                       for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
     if missing or unexpected or misshaped:
-        lines = [f"{what} checkpoint does not match the configuration "
-                 f"({len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped keys):"]
+        lines = [(f"{what} checkpoint does not match the configuration "
+                  f"({len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped keys):")]
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
             if keys:
                 shown = keys[:20] + ([f"... and {len(keys) - 20} more"] if len(keys) > 20 else [])

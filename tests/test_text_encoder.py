@@ -1,0 +1,319 @@
+"""The umT5 prompt encoder: Wan2.1's checkpoint layout, numerics against a plain-PyTorch oracle written
+from Wan's `wan/modules/t5.py` formulas, tokenization and cleaning, strict loading, the engine's
+prompt path and the `avatar encode-prompt` round trip. Tiny random-weight models only."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+from runtime.checkpoint import CheckpointError, save_state_dict
+from runtime.text import PromptEncoder, TextEncoderConfig
+from runtime.text.tokenize import clean_prompt, load_tokenizer, tokenize
+from runtime.text.umt5 import key_map, load_umt5
+
+TINY = TextEncoderConfig.from_preset("tiny")
+XXL = TextEncoderConfig.from_preset("umt5-xxl")
+WORDS = ["a", "woman", "man", "person", "talks", "smiles", "speaks", "listens", "nods", "the", "at", "to", "camera", "slowly", "calmly", "happy", "sad", "news", "studio", "rock", "&", "roll", "it's", "fine", "and", "with", "her", "his", "hands", "in", "front", "of", "bright", "light", "dark", "room"]
+
+
+# ---- Wan's layout and formulas, written independently of runtime/text --------------------------
+
+def wan_layout(cfg: TextEncoderConfig) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of Wan's `T5Encoder(shared_pos=False).state_dict()` (what the .pth holds)."""
+    d, a, f = cfg.dim, cfg.dim_attn, cfg.dim_ffn
+    out = {"token_embedding.weight": (cfg.vocab_size, d), "norm.weight": (d,)}
+    for i in range(cfg.num_layers):
+        out.update({f"blocks.{i}.{k}": s for k, s in {
+            "norm1.weight": (d,), "attn.q.weight": (a, d), "attn.k.weight": (a, d), "attn.v.weight": (a, d),
+            "attn.o.weight": (d, a), "norm2.weight": (d,), "ffn.gate.0.weight": (f, d),
+            "ffn.fc1.weight": (f, d), "ffn.fc2.weight": (d, f),
+            "pos_embedding.embedding.weight": (cfg.num_buckets, cfg.num_heads)}.items()})
+    return out
+
+
+def random_wan_state(cfg: TextEncoderConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights at scales where every term matters: norm weights away from 1, a position bias
+    large enough to move the softmax, unit-variance activations."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in wan_layout(cfg).items():
+        x = torch.randn(shape, generator=g)
+        if key.endswith("norm.weight") or ".norm" in key:
+            x = 1 + 0.3 * x
+        elif "pos_embedding" in key:
+            x = 1.5 * x
+        elif key != "token_embedding.weight":
+            x = x / math.sqrt(shape[1])
+        state[key] = x
+    return state
+
+
+def oracle_bucket(rel: torch.Tensor, num_buckets: int, max_dist: int) -> torch.Tensor:
+    """T5RelativeEmbedding._relative_position_bucket, bidirectional: half the buckets per direction
+    (keys after the query in the upper half), exact up to max_exact, then logarithmic up to max_dist."""
+    half = num_buckets // 2
+    exact = half // 2
+    base = (rel > 0).long() * half
+    dist = rel.abs()
+    log_part = exact + (torch.log(dist.float() / exact) / math.log(max_dist / exact) * (half - exact)).long()
+    return base + torch.where(dist < exact, dist, log_part.clamp(max=half - 1))
+
+
+def oracle_rms(x, w, eps):
+    y = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return w * (y.type_as(w) if w.dtype in (torch.float16, torch.bfloat16) else y)
+
+
+def oracle_gelu(x):
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def oracle_encode(state, cfg: TextEncoderConfig, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Wan's T5Encoder.forward in eval mode, on a Wan-layout state dict; dtype follows the state."""
+    B, L = ids.shape
+    n, c = cfg.num_heads, cfg.head_dim
+    x = state["token_embedding.weight"][ids]
+    rel = torch.arange(L)[None, :] - torch.arange(L)[:, None]  # key position - query position
+    bucket = oracle_bucket(rel, cfg.num_buckets, cfg.max_distance)
+    for i in range(cfg.num_layers):
+        p = {k.removeprefix(f"blocks.{i}."): v for k, v in state.items() if k.startswith(f"blocks.{i}.")}
+        h = oracle_rms(x, p["norm1.weight"], cfg.eps)
+        q, k, v = (torch.nn.functional.linear(h, p[f"attn.{w}.weight"]).view(B, L, n, c) for w in "qkv")
+        bias = x.new_zeros(B, n, L, L) + p["pos_embedding.embedding.weight"][bucket].permute(2, 0, 1)[None]
+        bias = bias.masked_fill(mask.view(B, 1, 1, L) == 0, torch.finfo(x.dtype).min)
+        scores = torch.einsum("binc,bjnc->bnij", q, k) + bias  # no 1/sqrt(c) scaling in T5
+        attn = torch.softmax(scores.float(), dim=-1).type_as(scores)
+        o = torch.einsum("bnij,bjnc->binc", attn, v).reshape(B, L, n * c)
+        x = x + torch.nn.functional.linear(o, p["attn.o.weight"])
+        h = oracle_rms(x, p["norm2.weight"], cfg.eps)
+        lin = torch.nn.functional.linear
+        x = x + lin(lin(h, p["ffn.fc1.weight"]) * oracle_gelu(lin(h, p["ffn.gate.0.weight"])), p["ffn.fc2.weight"])
+    return oracle_rms(x, state["norm.weight"], cfg.eps)
+
+
+# ---- fixtures: a tiny tokenizer and tiny checkpoints in the release layout -----------------------
+
+def write_tokenizer(directory, words=WORDS):
+    """A WordLevel tokenizer saved as tokenizer.json + tokenizer_config.json (umT5's special tokens:
+    <pad> 0, </s> 1 appended to every sequence, <unk> 2). It splits on single spaces only, so text
+    that was not whitespace-cleaned tokenizes differently."""
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="removed")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>", "eos_token": "</s>",
+              "unk_token": "<unk>", "padding_side": "right", "model_max_length": 512}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def write_text_files(root, cfg: TextEncoderConfig, state, fmt: str = "pth"):
+    """Wan2.1's release layout: Wan2.1-T2V-1.3B/models_t5_umt5-xxl-enc-bf16.pth + google/umt5-xxl/."""
+    wan = root / "Wan2.1-T2V-1.3B"
+    wan.mkdir(parents=True, exist_ok=True)
+    path = wan / f"models_t5_umt5-xxl-enc-bf16.{'pth' if fmt == 'pth' else 'safetensors'}"
+    if fmt == "pth":
+        torch.save(state, path)  # a plain state dict, as Wan saves it
+    else:
+        save_state_dict(state, path)
+    write_tokenizer(wan / "google" / "umt5-xxl")
+    return path, wan / "google" / "umt5-xxl"
+
+
+@pytest.fixture(scope="module")
+def tiny_state():
+    return random_wan_state(TINY, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory, tiny_state):
+    return write_text_files(tmp_path_factory.mktemp("text"), TINY, tiny_state)
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_files):
+    checkpoint, tokenizer_dir = tiny_files
+    return PromptEncoder.from_files(checkpoint, tokenizer_dir, config="tiny", dtype=torch.float32)
+
+
+def random_batch(cfg, lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (len(lengths), cfg.seq_len), generator=g)
+    mask = (torch.arange(cfg.seq_len)[None] < torch.tensor(lengths)[:, None]).long()
+    return ids, mask
+
+
+# ---- layout and strict loading --------------------------------------------------------------------
+
+def test_key_map_is_wans_layout_at_full_size():
+    """Every key of the real 242-tensor file, with its shape, loads into a model of 5.68 B parameters
+    (on the meta device: no memory)."""
+    layout = wan_layout(XXL)
+    assert len(layout) == 2 + 24 * 10 and set(key_map(XXL)) == set(layout)
+    state = {k: torch.empty(s, device="meta", dtype=torch.bfloat16) for k, s in layout.items()}
+    model = load_umt5(state, XXL, dtype=torch.bfloat16, device="meta")
+    assert sum(p.numel() for p in model.parameters()) == 5_680_910_336
+    assert model.config._attn_implementation == "eager"
+    assert model.encoder.embed_tokens.weight is model.shared.weight  # tied: one parameter
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda s: s.pop("blocks.1.ffn.fc1.weight"), ["1 missing", "blocks.1.ffn.fc1.weight"]),
+    (lambda s: s.update({"blocks.2.norm1.weight": torch.ones(48)}), ["1 unexpected", "blocks.2.norm1.weight"]),
+    (lambda s: s.update({"blocks.0.attn.o.weight": s["blocks.0.attn.o.weight"].T}),
+     ["1 mis-shaped", "blocks.0.attn.o.weight: checkpoint (32, 48) vs model (48, 32)"]),
+    (lambda s: s.update({"pos_embedding.embedding.weight": torch.zeros(8, 4)}),  # Wan's shared_pos=True key
+     ["1 unexpected", "pos_embedding.embedding.weight"]),
+])
+def test_strict_loading_names_the_key(tiny_state, change, words):
+    state = dict(tiny_state)
+    change(state)
+    with pytest.raises(CheckpointError) as err:
+        load_umt5(state, TINY, dtype=torch.float32, device="cpu")
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_wrong_config_for_the_file_is_named(tiny_files):
+    checkpoint, tokenizer_dir = tiny_files
+    other = dataclasses.replace(TINY, name="other", dim_ffn=96)
+    with pytest.raises(CheckpointError, match=r"ffn\.fc1\.weight: checkpoint \(80, 48\) vs model \(96, 48\)"):
+        PromptEncoder.from_files(checkpoint, tokenizer_dir, config=other)
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="dim_attn 30 not divisible by num_heads 4"):
+        dataclasses.replace(TINY, dim_attn=30)
+    with pytest.raises(ValueError, match="num_buckets must be even"):
+        dataclasses.replace(TINY, num_buckets=7)
+    with pytest.raises(ValueError, match="unknown text encoder preset 'xl'"):
+        TextEncoderConfig.from_preset("xl")
+
+
+# ---- numerics against the oracle ------------------------------------------------------------------
+
+def test_bucket_oracle_anchors():
+    """Hand-computed buckets of umT5-XXL (32 buckets, max distance 128): exact below 8, log above,
+    keys after the query in the upper half."""
+    rel = torch.tensor([0, -1, 1, -7, -8, -12, -127, -1000, 127, 1000])
+    want = [0, 1, 17, 7, 8, 9, 15, 15, 31, 31]
+    assert oracle_bucket(rel, 32, 128).tolist() == want
+
+
+def test_relative_bias_matches_wan_at_full_bucket_config():
+    """umT5-XXL's bucketing (32 buckets, distance 128) over 600 positions, past the log range."""
+    cfg = dataclasses.replace(TINY, num_buckets=32, max_distance=128, seq_len=600)
+    state = random_wan_state(cfg, seed=2)
+    model = load_umt5(state, cfg, dtype=torch.float32, device="cpu")
+    rel = torch.arange(600)[None, :] - torch.arange(600)[:, None]
+    for i in range(cfg.num_layers):
+        table = state[f"blocks.{i}.pos_embedding.embedding.weight"]
+        want = table[oracle_bucket(rel, 32, 128)].permute(2, 0, 1)[None]
+        got = model.encoder.block[i].layer[0].SelfAttention.compute_bias(600, 600)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_encoder_matches_oracle_fp32(tmp_path, fmt):
+    state = random_wan_state(TINY, seed=3)
+    checkpoint, tokenizer_dir = write_text_files(tmp_path, TINY, state, fmt)
+    enc = PromptEncoder.from_files(checkpoint, tokenizer_dir, config="tiny", dtype=torch.float32)
+    ids, mask = random_batch(TINY, [TINY.seq_len, 5, 1], seed=4)
+    with torch.no_grad():
+        got = enc.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    want = oracle_encode(state, TINY, ids, mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # A shorter mask changes the real rows: the padding mask is applied, not ignored.
+    assert (got[1, :5] - oracle_encode(state, TINY, ids[1:2], torch.ones_like(mask[1:2]))[0, :5]).abs().max() > 1e-2
+
+
+def test_encoder_matches_oracle_bf16(tiny_state, tiny_files):
+    """bf16, Wan's dtype: equal to the oracle run in bf16 (bitwise on this CPU; the tolerance leaves room
+    for other kernels) and within bf16 rounding of the fp32 oracle (outputs reach about 4)."""
+    enc = PromptEncoder.from_files(*tiny_files, config="tiny", dtype=torch.bfloat16)
+    assert enc.dtype == torch.bfloat16
+    ids, mask = random_batch(TINY, [TINY.seq_len, 9], seed=5)
+    with torch.no_grad():
+        got = enc.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    bf16_state = {k: v.bfloat16() for k, v in tiny_state.items()}
+    want = oracle_encode(bf16_state, TINY, ids, mask)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
+    fp32 = oracle_encode(tiny_state, TINY, ids, mask)
+    torch.testing.assert_close(got.float(), fp32, rtol=0.1, atol=0.1)
+
+
+def test_prompt_string_end_to_end(encoder, tiny_state):
+    """String -> clean -> tokenize (padded to seq_len) -> encode -> the real tokens' rows (Wan's u[:v])."""
+    text = "a  woman\n talks\tto the camera"
+    out = encoder(text)
+    ids = [encoder.tokenizer.convert_tokens_to_ids(w) for w in ["a", "woman", "talks", "to", "the", "camera"]] + [1]
+    assert out.shape == (len(ids), TINY.dim)
+    padded = torch.tensor([ids + [0] * (TINY.seq_len - len(ids))])
+    mask = (padded != 0).long()
+    want = oracle_encode(tiny_state, TINY, padded, mask)[0, : len(ids)]
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert encoder.count_tokens(text) == len(ids)
+
+
+# ---- tokenization ------------------------------------------------------------------------------
+
+def test_clean_prompt_is_wans_whitespace_clean():
+    assert clean_prompt("  Itâ€™s &amp;amp;\t fine\n\n ") == "It's & fine"  # ftfy, unescape twice, fold
+    assert clean_prompt("a\u3000b\u00a0 c") == "a b c"
+    assert clean_prompt("a&#28;b\x1c c") == "ab c"  # control characters go (ftfy / html)
+
+
+def test_tokenize_pads_to_seq_len_and_refuses_long_prompts(encoder):
+    ids, mask = tokenize(encoder.tokenizer, "rock &amp;amp; roll", TINY.seq_len)
+    assert ids.shape == mask.shape == (1, TINY.seq_len)
+    assert mask[0].tolist() == [1] * 4 + [0] * (TINY.seq_len - 4)
+    assert ids[0, :4].tolist() == [encoder.tokenizer.convert_tokens_to_ids(w) for w in ("rock", "&", "roll")] + [1]
+    assert ids[0, 4:].eq(0).all()
+    fits = " ".join(["a"] * (TINY.seq_len - 1))  # + </s> = seq_len tokens
+    assert encoder.count_tokens(fits) == TINY.seq_len
+    with pytest.raises(ValueError, match=f"the prompt is {TINY.seq_len + 1} tokens .* at most {TINY.seq_len}"):
+        encoder(fits + " a")
+    with pytest.raises(TypeError, match="prompt must be a str"):
+        encoder(b"bytes")
+
+
+def test_tokenizer_directory_problems_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_tokenizer(tmp_path / "umt5-xxl")
+    d = write_tokenizer(tmp_path / "umt5-xxl")
+    (d / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing: tokenizer\.json or spiece\.model"):
+        load_tokenizer(d)
+    d = write_tokenizer(tmp_path / "left")
+    config = json.loads((d / "tokenizer_config.json").read_text()) | {"padding_side": "left"}
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="pads on the left"):
+        load_tokenizer(d)
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, tiny_state):
+    d = write_tokenizer(tmp_path / "umt5-xxl", words=[f"w{i}" for i in range(70)])
+    with pytest.raises(ValueError, match="tokenizer has 73 tokens but the encoder's vocabulary is 64"):
+        PromptEncoder(load_umt5(tiny_state, TINY, dtype=torch.float32, device="cpu"), load_tokenizer(d), TINY)
+
+
+def test_cache_encodes_each_prompt_once(tiny_files):
+    enc = PromptEncoder.from_files(*tiny_files, config="tiny", dtype=torch.float32, cache_size=2)
+    calls = []
+    enc.model.register_forward_hook(lambda *_: calls.append(1))
+    first = enc("a man nods")
+    first.zero_()  # callers get copies: the cached embedding is not changed
+    again = enc("a man nods")
+    assert len(calls) == 1 and again.abs().sum() > 0
+    enc("a woman nods")
+    enc("a person nods")  # evicts "a man nods" (cache of 2)
+    enc("a man nods")
+    assert len(calls) == 4
