@@ -123,7 +123,8 @@ class BatchedEngine:
         if max_lead_s <= 0:
             raise ValueError(f"max_lead_s must be > 0, got {max_lead_s}")
         cfg = engine.config
-        common = {"device": engine.device, "dtype": engine.dtype, "backend": engine.ops.name, "taehv": engine.taehv}
+        common = {"device": engine.device, "dtype": engine.dtype, "backend": engine.ops.name, "taehv": engine.taehv,
+                  "text_encoder": engine.text_encoder}
         # Per-session stages (begin, audio, decode, finish) run on a batch-1 engine, the DiT steps on a
         # batch-N one: both are plain Engines over the same modules, with no session of their own.
         self._row = Engine(cfg, engine.dit, engine.vae, engine.audio_encoder, **common)
@@ -159,15 +160,16 @@ class BatchedEngine:
                      plan=StaticPlan.allocate(cfg.cache, n, self.device), text_kv=text_kv)
 
     # ---- sessions -------------------------------------------------------------------------------
-    def reset(self, i: int, reference_image, prompt_embeds=None, seed: int = 0) -> None:
-        """Start a new stream in slot i (any time: the others go on). Bad input leaves slot i as it was."""
+    def reset(self, i: int, reference_image, prompt_embeds=None, seed: int = 0, *, prompt: str | None = None) -> None:
+        """Start a new stream in slot i (any time: the others go on). Bad input leaves slot i as it was.
+        The prompt is text (`prompt=`, with the engine's text encoder) or `prompt_embeds`, as `Engine.reset`."""
         self._check_index(i)
         old = self._slots[i]
         ring_row = KVRing(self._rows.ring.k[:, i:i + 1], self._rows.ring.v[:, i:i + 1])
         try:
             # The slot's own StaticPlan is never read (the batched plan drives the forward); reused.
             s = self._row.open_session(reference_image, prompt_embeds, seed, ring=ring_row,
-                                       plan=old.session.plan if old else None)
+                                       plan=old.session.plan if old else None, prompt=prompt)
         except Exception as err:
             raise _named(i, err) from err
         rows = []

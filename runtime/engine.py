@@ -30,6 +30,8 @@ from .models.taehv import StreamingTAEHVDecoder, TAEHVDecoder
 from .models.vae import StreamingVAEDecoder, WanVAE
 from .sampler import BlockInputs, denoise_step, refresh_kv
 from .session import KVRing, StaticPlan, plan_block
+from .text import PromptEncoder, TextEncoderConfig
+from .text.encoder import TEXT_FILES_HINT, find_text_files, missing_text_files
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +87,13 @@ class _Session:
 class Engine:
     def __init__(self, config: EngineConfig, dit: CausalAudioDiT, vae: WanVAE, audio_encoder: AudioEncoder,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 backend: str = "auto", *, batch: int = 1, taehv: TAEHVDecoder | None = None):
+                 backend: str = "auto", *, batch: int = 1, taehv: TAEHVDecoder | None = None,
+                 text_encoder: PromptEncoder | None = None):
         """`batch`: rows of the batched stages (stage_denoise, stage_refresh). Sessions are batch 1;
         runtime/batched.py builds an engine of batch N to run N sessions' rows in one forward.
         `taehv`: decode with the tiny TAEHV decoder (~25x fewer FLOPs) instead of the Wan VAE decoder;
-        the Wan VAE still encodes the reference image."""
+        the Wan VAE still encodes the reference image.
+        `text_encoder`: turns `reset(..., prompt="text")` into embeddings (see `attach_text_encoder`)."""
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
         self.config = config
@@ -101,20 +105,35 @@ class Engine:
         steps = list(config.sampler.timesteps) + [config.sampler.refresh_timestep]
         self._mods = [self._time_mod(t) for t in steps]
         self._session: _Session | None = None
+        self.text_encoder: PromptEncoder | None = None
+        self.text_encoder_missing = "this engine was built without one"  # why there is none, for errors
+        if text_encoder is not None:
+            self.attach_text_encoder(text_encoder)
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path_or_preset: str, device=None, dtype=None, backend: str = "auto",
-                        seed: int = 0, config: EngineConfig | str | None = None, decoder: str = "wan") -> Engine:
+                        seed: int = 0, config: EngineConfig | str | None = None, decoder: str = "wan", *,
+                        text_encoder: bool | None = None, text_config: TextEncoderConfig | str = "umt5-xxl",
+                        text_device=None, text_dtype: torch.dtype = torch.bfloat16) -> Engine:
         """A preset name gives random weights (seeded); a directory gives the LiveTalk release files.
 
         `config` (an EngineConfig or preset name) states the shapes of the files in the directory:
         `livetalk-1.3b` by default. Loading is strict, so files of other shapes fail with every
         mismatched key named rather than loading into a wrong model. `decoder="taehv"` decodes with
         TAEHV (`taew2_1.pth` in the directory; random weights for a preset).
+
+        Prompt text encoder (umT5-XXL, 11.4 GB in bf16): loaded when the directory holds
+        `models_t5_umt5-xxl-enc-bf16.pth` (or `.safetensors`) and a `google/umt5-xxl/` tokenizer;
+        `text_encoder=True` requires it, False skips it (run with precomputed `prompt_embeds`).
+        `text_device` (default: the engine's device; "cpu" keeps the GPU memory free, encoding is once
+        per prompt) and `text_dtype` (Wan's bf16 by default) place it; `text_config` states its shapes.
         """
         _check_decoder(decoder)
         if path_or_preset in PRESETS and not Path(path_or_preset).exists():
+            if text_encoder:
+                raise ValueError(f"preset {path_or_preset!r} has random weights and no text encoder; attach one "
+                                 "with attach_text_encoder() or pass a release directory")
             return cls.random(EngineConfig.from_preset(path_or_preset), device, dtype, backend, seed, decoder)
         device, dtype = _default_device_dtype(device, dtype)
         if not isinstance(config, EngineConfig):
@@ -124,7 +143,42 @@ class Engine:
         taehv = None
         if decoder == "taehv":
             taehv = TAEHVDecoder.from_state_dict(read_state_dict(_find(root, "taew2_1.*")), dtype=dtype, device=device)
-        return cls._assemble(config, dit, vae, audio, device, dtype, backend, taehv)
+        engine = cls._assemble(config, dit, vae, audio, device, dtype, backend, taehv)
+        if text_encoder is False:
+            engine.text_encoder_missing = "it was skipped (text_encoder=False)"
+        else:
+            engine._load_text_encoder(root, required=bool(text_encoder), config=text_config,
+                                      device=text_device or device, dtype=text_dtype)
+        return engine
+
+    def _load_text_encoder(self, root: Path, required: bool, **options) -> None:
+        checkpoint, tokenizer_dir = find_text_files(root)
+        missing = " and no ".join(missing_text_files(checkpoint, tokenizer_dir))
+        if missing and required:
+            raise FileNotFoundError(f"{root}: found no {missing}")
+        if missing:
+            self.text_encoder_missing = f"none was found under {root} (no {missing})"
+            log.info("no prompt text encoder: %s", self.text_encoder_missing)
+            return
+        self.attach_text_encoder(PromptEncoder.from_files(checkpoint, tokenizer_dir, **options))
+
+    def attach_text_encoder(self, encoder: PromptEncoder) -> None:
+        """Use `encoder` for `reset(..., prompt="text")`; its width and length must fit the DiT."""
+        d, t = self.config.dit, encoder.config
+        if t.dim != d.text_dim or t.seq_len > d.text_len:
+            raise ValueError(f"text encoder {t.name!r} gives [<= {t.seq_len}, {t.dim}] embeddings; the DiT takes "
+                             f"[<= {d.text_len}, {d.text_dim}]")
+        self.text_encoder = encoder
+
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """[L, text_dim] embedding of `prompt` on the text encoder's device (cached per string)."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        if self.text_encoder is None:
+            raise RuntimeError(f"a text prompt needs the umT5 text encoder ({TEXT_FILES_HINT}), but "
+                               f"{self.text_encoder_missing}; pass prompt_embeds (e.g. from "
+                               "`avatar encode-prompt`) instead")
+        return self.text_encoder(prompt)
 
     @classmethod
     def random(cls, config: EngineConfig, device=None, dtype=None, backend: str = "auto",
@@ -172,14 +226,20 @@ class Engine:
                        head=mod.head.expand(self.batch, -1, -1).contiguous())
 
     # ---- session --------------------------------------------------------------------------------
-    def reset(self, reference_image, prompt_embeds=None, seed: int = 0) -> None:
-        """Start a new stream from a reference image (HxWx3 uint8 array or a path)."""
+    def reset(self, reference_image, prompt_embeds=None, seed: int = 0, *, prompt: str | None = None) -> None:
+        """Start a new stream from a reference image (HxWx3 uint8 array or a path).
+
+        The prompt is `prompt` (text, encoded by the text encoder; the last few are cached) or
+        `prompt_embeds` ([L, text_dim], e.g. `runtime.text.load_prompt_embeds(file)`), not both;
+        neither gives an all-zero embedding. `prompt` is keyword-only because `prompt_embeds` has
+        long been the second positional argument.
+        """
         old = self._session  # its ring and plan are reused: allocated once per engine
-        self._session = self.open_session(reference_image, prompt_embeds, seed,
+        self._session = self.open_session(reference_image, prompt_embeds, seed, prompt=prompt,
                                           ring=old.ring if old else None, plan=old.plan if old else None)
 
     def open_session(self, reference_image, prompt_embeds=None, seed: int = 0, ring: KVRing | None = None,
-                     plan: StaticPlan | None = None) -> _Session:
+                     plan: StaticPlan | None = None, *, prompt: str | None = None) -> _Session:
         """A new session's state (batch 1): `ring` and `plan` are reused (the ring cleared) when given.
 
         Input is validated before anything is touched, so a bad image or prompt changes nothing.
@@ -191,13 +251,13 @@ class Engine:
                                "stages: use runtime.batched.BatchedEngine for several sessions")
         cfg = self.config
         image = resize_cover_center_crop(load_image(reference_image), cfg.height, cfg.width)
-        prompt = self._prompt_tensor(prompt_embeds)
+        embeds = self._prompt_tensor(prompt_embeds, prompt)
         # Everything above validates input; nothing below can fail on user data.
         ref_latent = self._encode_reference(image)
         session = _Session(
             ring=ring if ring is not None else KVRing.allocate(cfg, self.batch, self.device, self.dtype),
             plan=plan if plan is not None else StaticPlan.allocate(cfg.cache, self.batch, self.device),
-            text_kv=self.dit.text_kv(prompt),
+            text_kv=self.dit.text_kv(embeds),
             ref_latent=ref_latent,
             cond_first=self._cond(ref_latent, first=True),
             cond_rest=self._cond(ref_latent, first=False),
@@ -209,10 +269,16 @@ class Engine:
         session.ring.clear()
         return session
 
-    def _prompt_tensor(self, prompt_embeds) -> torch.Tensor:
+    def _prompt_tensor(self, prompt_embeds, prompt: str | None = None) -> torch.Tensor:
         d = self.config.dit
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass the prompt as text (prompt=) or as embeddings (prompt_embeds=), not both")
+        if isinstance(prompt_embeds, str):
+            raise TypeError("prompt_embeds got a str: pass text as prompt=\"...\"")
+        if prompt is not None:
+            prompt_embeds = self.encode_prompt(prompt)
         if prompt_embeds is None:
-            # No text encoder yet: the default prompt is an all-zero embedding (padded like any prompt).
+            # No prompt: an all-zero embedding (padded like any prompt), as before there was a text encoder.
             prompt_embeds = torch.zeros(1, d.text_dim)
         p = torch.as_tensor(prompt_embeds)
         if p.ndim == 2:

@@ -757,7 +757,9 @@ def _build_engines(job: _Job, device: torch.device, count: int) -> list[_FrontEn
     if isinstance(job.model, EngineConfig):
         base = _FrontEngine.random(job.model, device, dtype, job.ops_backend, job.weights_seed)
     else:
-        base = _FrontEngine.from_pretrained(job.model, device, dtype, job.ops_backend, job.weights_seed)
+        # Streams carry prompt embeddings, never text: no rank needs the 11 GB text encoder.
+        base = _FrontEngine.from_pretrained(job.model, device, dtype, job.ops_backend, job.weights_seed,
+                                            text_encoder=False)
     more = [_FrontEngine(base.config, base.dit, base.vae, base.audio_encoder, device=base.device, dtype=base.dtype,
                          backend=job.ops_backend) for _ in range(count - 1)]
     return [base, *more]

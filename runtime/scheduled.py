@@ -95,8 +95,9 @@ class ScheduledEngine(Engine):
 
     def __init__(self, config, dit, vae, audio_encoder, device="cpu", dtype=torch.float32, backend="auto", *,
                  scheduler_backend: str | None = None, graphs: bool = False, max_in_flight: int = 3,
-                 trace: int = 0, taehv=None):
-        super().__init__(config, dit, vae, audio_encoder, device=device, dtype=dtype, backend=backend, taehv=taehv)
+                 trace: int = 0, taehv=None, text_encoder=None):
+        super().__init__(config, dit, vae, audio_encoder, device=device, dtype=dtype, backend=backend, taehv=taehv,
+                         text_encoder=text_encoder)
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         sched_backend = scheduler_backend or ("cuda" if self.device.type == "cuda" else "host")
@@ -117,7 +118,8 @@ class ScheduledEngine(Engine):
     def from_engine(cls, engine: Engine, **options) -> ScheduledEngine:
         """A scheduled engine over the same modules (no copy of the weights); its own sessions."""
         return cls(engine.config, engine.dit, engine.vae, engine.audio_encoder, device=engine.device,
-                   dtype=engine.dtype, backend=engine.ops.name, taehv=engine.taehv, **options)
+                   dtype=engine.dtype, backend=engine.ops.name, taehv=engine.taehv,
+                   text_encoder=engine.text_encoder, **options)
 
     @property
     def scheduler(self) -> Scheduler:
@@ -229,12 +231,12 @@ class ScheduledEngine(Engine):
         w.video = torch.cat([job.first_video, rest], dim=2)
 
     # ---- session ----------------------------------------------------------------------------------
-    def reset(self, reference_image, prompt_embeds=None, seed: int = 0) -> None:
+    def reset(self, reference_image, prompt_embeds=None, seed: int = 0, *, prompt: str | None = None) -> None:
         # Leftover stages of a failed or cancelled stream finish before any session state changes.
         self._sched.reset()
         self._inflight.clear()
         self._ready = []
-        super().reset(reference_image, prompt_embeds, seed)
+        super().reset(reference_image, prompt_embeds, seed, prompt=prompt)
         self._failure = None
         if self.use_graphs:
             if self.graphs is None:

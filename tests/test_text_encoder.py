@@ -7,10 +7,12 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
+from runtime import BatchedEngine, Engine, ScheduledEngine
 from runtime.checkpoint import CheckpointError, save_state_dict
 from runtime.text import PromptEncoder, TextEncoderConfig
 from runtime.text.tokenize import clean_prompt, load_tokenizer, tokenize
@@ -18,7 +20,10 @@ from runtime.text.umt5 import key_map, load_umt5
 
 TINY = TextEncoderConfig.from_preset("tiny")
 XXL = TextEncoderConfig.from_preset("umt5-xxl")
-WORDS = ["a", "woman", "man", "person", "talks", "smiles", "speaks", "listens", "nods", "the", "at", "to", "camera", "slowly", "calmly", "happy", "sad", "news", "studio", "rock", "&", "roll", "it's", "fine", "and", "with", "her", "his", "hands", "in", "front", "of", "bright", "light", "dark", "room"]
+WORDS = ("a", "woman", "man", "person", "talks", "smiles", "speaks", "listens", "nods", "the", "at", "to",
+         "camera", "slowly", "calmly", "happy", "sad", "news", "studio", "rock", "&", "roll", "it's",
+         "fine", "and", "with", "her", "his", "hands", "in", "front", "of", "bright", "light", "dark",
+         "room")
 
 
 # ---- Wan's layout and formulas, written independently of runtime/text --------------------------
@@ -317,3 +322,133 @@ def test_cache_encodes_each_prompt_once(tiny_files):
     enc("a person nods")  # evicts "a man nods" (cache of 2)
     enc("a man nods")
     assert len(calls) == 4
+
+
+# ---- the engine's prompt path -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def engine(encoder):
+    eng = Engine.from_pretrained("tiny", device="cpu", seed=0)  # its DiT takes [<= 16, 48]: TINY's output
+    eng.attach_text_encoder(encoder)
+    return eng
+
+
+@pytest.fixture(scope="module")
+def image():
+    return np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def speech():
+    # One block: 9 video frames plus the 0.25 s lookahead, at 1000 samples per frame.
+    return (np.random.default_rng(1).standard_normal(13000) * 0.2).clip(-1, 1).astype(np.float32)
+
+
+def first_block(eng, image, speech, **prompt):
+    eng.reset(image, seed=3, **prompt)
+    (block,) = eng.step(speech)
+    return block.frames
+
+
+def test_prompt_text_equals_its_embedding_and_prompts_differ(engine, image, speech):
+    text = "a woman smiles at the camera"
+    by_text = first_block(engine, image, speech, prompt=text)
+    by_embeds = first_block(engine, image, speech, prompt_embeds=engine.encode_prompt(text).numpy())
+    np.testing.assert_array_equal(by_text, by_embeds)
+    other = first_block(engine, image, speech, prompt="a man listens calmly")
+    assert np.abs(other.astype(int) - by_text.astype(int)).max() > 0
+    default = first_block(engine, image, speech)  # no prompt: the all-zero embedding
+    assert np.abs(default.astype(int) - by_text.astype(int)).max() > 0
+
+
+def test_same_prompt_is_encoded_once(engine, image):
+    calls = []
+    hook = engine.text_encoder.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for _ in range(3):
+            engine.reset(image, prompt="his hands in front of the camera")
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+
+
+def test_bad_prompts_are_refused_and_the_session_kept(engine, image):
+    engine.reset(image, prompt="a person nods")
+    session = engine._session
+    with pytest.raises(ValueError, match="not both"):
+        engine.reset(image, prompt_embeds=np.zeros((2, 48), np.float32), prompt="a person nods")
+    with pytest.raises(TypeError, match="pass text as prompt="):
+        engine.reset(image, "a person nods")
+    with pytest.raises(ValueError, match="the prompt is 17 tokens"):
+        engine.reset(image, prompt=" ".join(["a"] * 16))
+    assert engine._session is session
+
+
+def test_text_prompt_without_encoder_names_the_files(image):
+    eng = Engine.from_pretrained("tiny", device="cpu", seed=0)
+    with pytest.raises(RuntimeError, match=r"models_t5_umt5-xxl-enc-bf16\.pth .*google/umt5-xxl/.*prompt_embeds"):
+        eng.reset(image, prompt="a woman talks")
+    with pytest.raises(ValueError, match="no text encoder"):
+        Engine.from_pretrained("tiny", device="cpu", text_encoder=True)
+
+
+def test_encoder_of_another_width_is_refused(tiny_files):
+    eng = Engine.from_pretrained("micro", device="cpu")  # DiT text_dim 16
+    with pytest.raises(ValueError, match=r"gives \[<= 16, 48\] embeddings; the DiT takes \[<= 4, 16\]"):
+        eng.attach_text_encoder(PromptEncoder.from_files(*tiny_files, config="tiny", dtype=torch.float32))
+
+
+def test_scheduled_and_batched_engines_take_text_prompts(engine, image, speech):
+    text, other = "a woman smiles at the camera", "a man nods"
+    want = first_block(engine, image, speech, prompt=text)
+    with ScheduledEngine.from_engine(engine) as sched:
+        np.testing.assert_array_equal(first_block(sched, image, speech, prompt=text), want)
+    batched = BatchedEngine(engine, sessions=3)
+    for i, prompt in enumerate([{"prompt": text}, {"prompt_embeds": engine.encode_prompt(text)}, {"prompt": other}]):
+        batched.reset(i, image, seed=3, **prompt)
+    out = batched.step({i: speech for i in range(3)})
+    frames = [out[i][0].frames.astype(int) for i in range(3)]
+    np.testing.assert_array_equal(frames[0], frames[1])  # same prompt as text and as embeddings
+    assert np.abs(frames[0] - want).max() <= 1  # batched vs single: float rounding (tests/test_batched.py)
+    assert np.abs(frames[2] - frames[0]).max() > 1
+
+
+# ---- release directory discovery ------------------------------------------------------------------
+
+MICRO_TEXT = dataclasses.replace(TINY, name="micro-text", dim=16, dim_attn=16, dim_ffn=32, num_heads=2, seq_len=4)
+
+
+@pytest.fixture(scope="module")
+def micro_release(tmp_path_factory):
+    from tests.test_release_loading import _write_release
+
+    root = tmp_path_factory.mktemp("release")
+    _write_release(root, Engine.from_pretrained("micro", device="cpu", seed=11))
+    write_text_files(root, MICRO_TEXT, random_wan_state(MICRO_TEXT, seed=6))
+    return root
+
+
+def test_release_directory_finds_the_text_encoder(micro_release):
+    kw = {"device": "cpu", "config": "micro", "text_config": MICRO_TEXT}
+    eng = Engine.from_pretrained(str(micro_release), text_dtype=torch.float32, **kw)
+    assert eng.text_encoder is not None and eng.text_encoder.dtype == torch.float32
+    assert eng.encode_prompt("a woman talks").shape == (4, 16)
+    assert Engine.from_pretrained(str(micro_release), **kw).text_encoder.dtype == torch.bfloat16  # Wan's dtype
+    skipped = Engine.from_pretrained(str(micro_release), text_encoder=False, **kw)
+    assert skipped.text_encoder is None
+    with pytest.raises(RuntimeError, match=r"skipped \(text_encoder=False\)"):
+        skipped.encode_prompt("a woman talks")
+
+
+def test_release_directory_without_tokenizer(micro_release, tmp_path):
+    import shutil
+
+    root = tmp_path / "release"
+    shutil.copytree(micro_release, root)
+    shutil.rmtree(root / "Wan2.1-T2V-1.3B" / "google")
+    kw = {"device": "cpu", "config": "micro", "text_config": MICRO_TEXT}
+    eng = Engine.from_pretrained(str(root), **kw)  # optional: the engine loads without it
+    with pytest.raises(RuntimeError, match=r"none was found under .*release \(no google/umt5-xxl/ tokenizer"):
+        eng.encode_prompt("a woman talks")
+    with pytest.raises(FileNotFoundError, match="release: found no google/umt5-xxl/ tokenizer directory"):
+        Engine.from_pretrained(str(root), text_encoder=True, **kw)

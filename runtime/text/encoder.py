@@ -57,9 +57,9 @@ class PromptEncoder:
     def from_directory(cls, root: str | Path, **kwargs) -> PromptEncoder:
         """Find both files under `root` (see `find_text_files`) and load them."""
         checkpoint, tokenizer_dir = find_text_files(Path(root))
-        missing = missing_text_files(Path(root), checkpoint, tokenizer_dir)
+        missing = missing_text_files(checkpoint, tokenizer_dir)
         if missing:
-            raise FileNotFoundError(missing)
+            raise FileNotFoundError(f"{root}: found no {' and no '.join(missing)}")
         return cls.from_files(checkpoint, tokenizer_dir, **kwargs)
 
     @property
@@ -105,11 +105,7 @@ def find_text_files(root: Path) -> tuple[Path | None, Path | None]:
     return checkpoint, (dirs[0] if dirs else None)
 
 
-def missing_text_files(root: Path, checkpoint: Path | None, tokenizer_dir: Path | None) -> str:
-    """'' when both were found, else a sentence naming what is missing under `root`."""
-    missing = []
-    if checkpoint is None:
-        missing.append(f"{CHECKPOINT_STEM}.pth (or .safetensors)")
-    if tokenizer_dir is None:
-        missing.append(f"a tokenizer directory google/{TOKENIZER_DIR}/")
-    return f"{root}: no {' and no '.join(missing)} found" if missing else ""
+def missing_text_files(checkpoint: Path | None, tokenizer_dir: Path | None) -> list[str]:
+    """What `find_text_files` did not find, in words (empty when both were found)."""
+    missing = [] if checkpoint is not None else [f"{CHECKPOINT_STEM}.pth (or .safetensors)"]
+    return missing + ([] if tokenizer_dir is not None else [f"google/{TOKENIZER_DIR}/ tokenizer directory"])
