@@ -93,8 +93,10 @@ def format_summary(report: StreamReport, fps: int) -> str:
 
 # ---- demo ---------------------------------------------------------------------------------------
 
-def _create_engine(source: str, device: str | None, dtype: str | None, decoder: str = "wan"):
-    """Engine.from_pretrained, imported late so the CLI loads without the engine's dependencies."""
+def _create_engine(source: str, device: str | None, dtype: str | None, decoder: str = "wan",
+                   text_encoder: bool | None = None, text_device: str | None = None):
+    """Engine.from_pretrained, imported late so the CLI loads without the engine's dependencies.
+    `text_encoder`: load the umT5 prompt encoder (True: required), or not (False)."""
     try:
         from runtime import Engine
     except ImportError as e:
@@ -105,7 +107,8 @@ def _create_engine(source: str, device: str | None, dtype: str | None, decoder: 
         torch_dtype = getattr(torch, dtype)
     if decoder not in ("wan", "taehv"):
         raise typer.BadParameter(f"decoder must be wan or taehv, got {decoder!r}", param_hint="--decoder")
-    return Engine.from_pretrained(source, device=device, dtype=torch_dtype, decoder=decoder)
+    return Engine.from_pretrained(source, device=device, dtype=torch_dtype, decoder=decoder,
+                                  text_encoder=text_encoder, text_device=text_device)
 
 
 def _load_demo_audio(audio: Path | None, seconds: float | None, sample_rate: int,
@@ -190,6 +193,14 @@ def demo(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
     decoder: Annotated[str, typer.Option("--decoder", help="Video decoder: wan (Wan2.1 VAE) or taehv (tiny "
                                          "decoder; taew2_1.pth in the checkpoint directory).")] = "wan",
+    prompt: Annotated[str | None, typer.Option(
+        "--prompt", help="Text prompt, encoded by umT5-XXL (needs --checkpoint with the T5 files).")] = None,
+    prompt_embeds: Annotated[Path | None, typer.Option(
+        "--prompt-embeds", exists=True, dir_okay=False,
+        help="Precomputed prompt embeddings (from `avatar encode-prompt`); no T5 needed.")] = None,
+    text_device: Annotated[str | None, typer.Option(
+        "--text-device", help="Device of the text encoder (default: the engine's; cpu saves 11 GB of GPU "
+                              "memory, encoding is once per prompt).")] = None,
 ) -> None:
     """Stream speech through the engine and write an MP4 with per-block timings."""
     if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
@@ -197,17 +208,23 @@ def demo(
     if dtype is not None and dtype not in _DTYPES:
         raise typer.BadParameter(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
     random_weights = checkpoint is None
+    prompt_args = _prompt_args(prompt, prompt_embeds, random_weights)
     warning = RANDOM_WEIGHTS_WARNING.format(preset=preset)
     if random_weights:
         typer.secho(warning, fg=typer.colors.YELLOW, bold=True, err=True)
 
-    engine = _create_engine(str(checkpoint) if checkpoint else preset, device, dtype, decoder)
+    # The 11 GB text encoder is loaded only when a text prompt needs it.
+    engine = _create_engine(str(checkpoint) if checkpoint else preset, device, dtype, decoder,
+                            text_encoder=prompt is not None, text_device=text_device)
     cfg = engine.config
     sr = cfg.audio.sample_rate
     samples = _load_demo_audio(audio, seconds, sr, resample, seed)
     from runtime.media import load_image, synthetic_face
     reference = load_image(image) if image else synthetic_face(cfg.height, cfg.width)
-    engine.reset(reference, seed=seed)
+    try:
+        engine.reset(reference, seed=seed, **prompt_args)
+    except ValueError as e:  # a prompt over the token limit, or embeddings of the wrong shape
+        raise typer.BadParameter(str(e), param_hint="--prompt / --prompt-embeds") from e
 
     chunk = max(1, round(chunk_ms * sr / 1000.0))
     typer.echo(f"engine: {cfg.name} {cfg.width}x{cfg.height} @ {cfg.fps} fps; audio "
@@ -219,6 +236,58 @@ def demo(
     typer.echo(f"wrote {out}")
     if random_weights:
         typer.secho(warning, fg=typer.colors.YELLOW, bold=True, err=True)
+
+
+def _prompt_args(prompt: str | None, embeds_file: Path | None, random_weights: bool) -> dict:
+    """reset() keywords for --prompt / --prompt-embeds (none when neither is given)."""
+    if prompt is not None and embeds_file is not None:
+        raise typer.BadParameter("give --prompt or --prompt-embeds, not both", param_hint="--prompt")
+    if prompt is not None and random_weights:
+        raise typer.BadParameter("a text prompt needs the umT5 text encoder: pass --checkpoint DIR with "
+                                 "models_t5_umt5-xxl-enc-bf16.pth and google/umt5-xxl/, or --prompt-embeds",
+                                 param_hint="--prompt")
+    if prompt is not None:
+        return {"prompt": prompt}
+    if embeds_file is not None:
+        from runtime.text import load_prompt_embeds
+
+        try:
+            return {"prompt_embeds": load_prompt_embeds(embeds_file)}
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--prompt-embeds") from e
+    return {}
+
+
+# ---- encode-prompt ------------------------------------------------------------------------------
+
+@app.command("encode-prompt")
+def encode_prompt(
+    checkpoint: Annotated[Path, typer.Option(
+        "--checkpoint", exists=True, file_okay=False,
+        help="Directory holding models_t5_umt5-xxl-enc-bf16.pth (or .safetensors) and google/umt5-xxl/.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="The text prompt.")],
+    out: Annotated[Path, typer.Option("--out", help="safetensors file to write (tensor 'prompt_embeds').")],
+    device: Annotated[str, typer.Option("--device", help="Where to run the encoder (cpu or cuda).")] = "cpu",
+    dtype: Annotated[str, typer.Option(
+        "--dtype", help=f"One of {', '.join(_DTYPES)} (Wan runs it in bfloat16).")] = "bfloat16",
+    text_config: Annotated[str, typer.Option(
+        "--text-config", help="Text encoder shapes (preset name).")] = "umt5-xxl",
+) -> None:
+    """Encode a prompt once and save its [L, 4096] embedding: the engine then runs without T5
+    (`avatar demo --prompt-embeds FILE`, or Engine.reset(image, prompt_embeds=load_prompt_embeds(FILE)))."""
+    import torch
+
+    from runtime.text import PromptEncoder, save_prompt_embeds
+
+    if dtype not in _DTYPES:
+        raise typer.BadParameter(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
+    encoder = PromptEncoder.from_directory(checkpoint, config=text_config, device=device, dtype=getattr(torch, dtype))
+    try:
+        embeds = encoder(prompt)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--prompt") from e
+    save_prompt_embeds(out, embeds, prompt=prompt, encoder=encoder.config.name)
+    typer.echo(f"wrote {out}: prompt_embeds {list(embeds.shape)} {dtype} ({embeds.shape[0]} tokens)")
 
 
 def _mount_subcommands() -> None:

@@ -117,7 +117,7 @@ class ScriptedEngine:
 def scripted(monkeypatch):
     made = []
 
-    def create(source, device, dtype, decoder="wan"):
+    def create(source, device, dtype, decoder="wan", text_encoder=None, text_device=None):
         made.append((source, device, dtype))
         engine = ScriptedEngine()
         made.append(engine)

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from typer.testing import CliRunner
 
 from runtime import BatchedEngine, Engine, ScheduledEngine
 from runtime.checkpoint import CheckpointError, save_state_dict
-from runtime.text import PromptEncoder, TextEncoderConfig
+from runtime.cli import app
+from runtime.text import PromptEncoder, TextEncoderConfig, load_prompt_embeds, save_prompt_embeds
 from runtime.text.tokenize import clean_prompt, load_tokenizer, tokenize
 from runtime.text.umt5 import key_map, load_umt5
 
@@ -452,3 +454,46 @@ def test_release_directory_without_tokenizer(micro_release, tmp_path):
         eng.encode_prompt("a woman talks")
     with pytest.raises(FileNotFoundError, match="release: found no google/umt5-xxl/ tokenizer directory"):
         Engine.from_pretrained(str(root), text_encoder=True, **kw)
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+
+def test_cli_encode_prompt_round_trip(tmp_path, tiny_state, encoder, engine, image, speech):
+    write_text_files(tmp_path / "ckpt", TINY, tiny_state)
+    out = tmp_path / "embeds.safetensors"
+    args = ["encode-prompt", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "a woman smiles at the camera",
+            "--out", str(out), "--text-config", "tiny", "--dtype", "float32"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "[7, 48]" in result.output
+    embeds = load_prompt_embeds(out)
+    torch.testing.assert_close(embeds, encoder("a woman smiles at the camera"), rtol=0, atol=0)
+    np.testing.assert_array_equal(first_block(engine, image, speech, prompt_embeds=embeds),
+                                  first_block(engine, image, speech, prompt="a woman smiles at the camera"))
+    result = CliRunner().invoke(app, args[:3] + ["--prompt", " ".join(["a"] * 16)] + args[5:])
+    assert result.exit_code == 2 and "17 tokens" in result.output
+
+
+def test_prompt_embeds_file_problems_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_prompt_embeds(tmp_path / "none.safetensors")
+    save_state_dict({"x": torch.zeros(2, 3)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match=r"no tensor named 'prompt_embeds' \(found \['x'\]\)"):
+        load_prompt_embeds(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match=r"must be \[L, dim\]"):
+        save_prompt_embeds(tmp_path / "bad.safetensors", torch.zeros(1, 2, 3))
+
+
+def test_cli_demo_prompt_options(tmp_path):
+    embeds = tmp_path / "e.safetensors"
+    save_prompt_embeds(embeds, torch.randn(3, 48))
+    base = ["demo", "--out", str(tmp_path / "o.mp4"), "--seconds", "0.6", "--device", "cpu", "--no-progress"]
+    result = CliRunner().invoke(app, base + ["--prompt-embeds", str(embeds)])
+    assert result.exit_code == 0, result.output
+    for extra, words in ((["--prompt", "a woman"], "needs the umT5 text encoder"),
+                         (["--prompt", "a", "--prompt-embeds", str(embeds)], "not both")):
+        result = CliRunner().invoke(app, base + extra)
+        assert result.exit_code == 2 and words in result.output, result.output
+    save_prompt_embeds(embeds, torch.randn(3, 47))
+    result = CliRunner().invoke(app, base + ["--prompt-embeds", str(embeds)])
+    assert result.exit_code == 2 and "prompt_embeds must be [L, 48]" in result.output, result.output
