@@ -103,7 +103,7 @@ class ExportOps(Ops):
     name = "export"
 
     @staticmethod
-    def qk_norm_kv_write(q, k, v, q_weight, k_weight, eps, ring_k, ring_v, write_slots):
+    def qk_norm_kv_write(q, k, v, q_weight, k_weight, eps, ring_k, ring_v, write_slots, grid, theta):
         B, Lq, _ = q.shape
         _, ST, H, D = ring_k.shape
         nf = write_slots.shape[1]

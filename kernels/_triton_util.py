@@ -9,6 +9,7 @@ imported (a test module that sets TRITON_INTERPRET works even if the model impor
 from __future__ import annotations
 
 import os
+import types
 from collections.abc import Callable
 
 import torch
@@ -44,13 +45,37 @@ def interpreting() -> bool:
 _compiled: dict[tuple[Callable, bool], object] = {}
 
 
+def uses(*helpers: Callable):
+    """Declare the plain functions a kernel calls: they are jitted together with it (`bind_helpers`),
+    since Triton only calls jitted functions from a kernel."""
+    def mark(kernel: Callable) -> Callable:
+        kernel.triton_helpers = helpers
+        return kernel
+    return mark
+
+
+def bind_helpers(fn: Callable, jit: Callable) -> Callable:
+    """`fn` with the helpers it `uses` replaced by `jit(helper)` in a copy of its globals (the module
+    keeps the plain functions, so the choice of jit - compile or interpret - stays late)."""
+    helpers = getattr(fn, "triton_helpers", ())
+    if not helpers:
+        return fn
+    scope = dict(fn.__globals__)
+    for helper in helpers:
+        scope[helper.__name__] = jit(bind_helpers(helper, jit))
+    bound = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    bound.__qualname__, bound.__module__, bound.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
+    return bound
+
+
 def compiled(fn: Callable):
-    """`triton.jit(fn)` for the current mode, built once per (function, mode)."""
+    """`triton.jit(fn)` (and of the helpers it `uses`) for the current mode, built once per
+    (function, mode)."""
     if triton is None:
         raise RuntimeError("the Triton kernels need the `triton` package (pip install triton)")
     key = (fn, interpreting())
     if key not in _compiled:
-        _compiled[key] = triton.jit(fn)
+        _compiled[key] = triton.jit(bind_helpers(fn, triton.jit))
     return _compiled[key]
 
 

@@ -29,7 +29,7 @@ from .norm_modulate import (
     layernorm_modulate_reference,
     layernorm_modulate_triton,
 )
-from .rope import apply_rope, rope_angles
+from .rope import apply_rope, frame_only, rope_angles
 from .window_attention import INVALID_POS, window_attention_reference, window_attention_triton
 
 log = logging.getLogger(__name__)
@@ -126,19 +126,22 @@ def _resolve(device: torch.device, requested: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # Window attention: sdpa and flash_attn implementations (same signature as the reference)
 # --------------------------------------------------------------------------------------------------
-def _rope_inputs(q, k_ring, slot_pos, q_pos, grid_h, grid_w, theta):
-    """q and the whole ring rotated in fp32 (kernels.rope) and rounded to q's dtype; the slot mask."""
+def _rope_inputs(q, k_ring, slot_pos, q_pos, grid_h, grid_w, theta, spatial_roped_keys):
+    """q and the whole ring rotated in fp32 (kernels.rope) and rounded to q's dtype; the slot mask.
+    Keys that already carry their height/width rotation get only the frame part."""
     D = q.shape[-1]
     valid = slot_pos != INVALID_POS
     safe_pos = torch.where(valid, slot_pos, torch.zeros_like(slot_pos))
     q_rot = apply_rope(q, rope_angles(q_pos, grid_h, grid_w, D, theta)).to(q.dtype)
-    k_rot = apply_rope(k_ring, rope_angles(safe_pos, grid_h, grid_w, D, theta)).to(q.dtype)
+    k_angles = rope_angles(safe_pos, grid_h, grid_w, D, theta)
+    k_rot = apply_rope(k_ring, frame_only(k_angles, D) if spatial_roped_keys else k_angles).to(q.dtype)
     return q_rot, k_rot, valid
 
 
 def window_attention_sdpa(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor,
                           slot_pos: torch.Tensor, q_pos: torch.Tensor, grid_h: int, grid_w: int,
-                          theta: float = 10000.0, scale: float | None = None) -> torch.Tensor:
+                          theta: float = 10000.0, scale: float | None = None, *,
+                          spatial_roped_keys: bool = False) -> torch.Tensor:
     """`window_attention_reference` through torch SDPA: ring read in place (no gather), empty slots
     masked with a boolean mask. Like the reference, empty slots must hold finite values."""
     B, Lq, H, D = q.shape
@@ -147,7 +150,7 @@ def window_attention_sdpa(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.T
         raise ValueError(f"window_attention_sdpa: shapes do not match: q {tuple(q.shape)}, "
                          f"ring {tuple(k_ring.shape)}, slot_pos {tuple(slot_pos.shape)}, "
                          f"q_pos {tuple(q_pos.shape)}, grid {grid_h}x{grid_w}")
-    q_rot, k_rot, valid = _rope_inputs(q, k_ring, slot_pos, q_pos, grid_h, grid_w, theta)
+    q_rot, k_rot, valid = _rope_inputs(q, k_ring, slot_pos, q_pos, grid_h, grid_w, theta, spatial_roped_keys)
     key_mask = valid.repeat_interleave(T, dim=1)[:, None, None, :]          # [B, 1, 1, S*T]
     out = F.scaled_dot_product_attention(q_rot.transpose(1, 2), k_rot.transpose(1, 2),
                                          v_ring.to(q.dtype).transpose(1, 2), attn_mask=key_mask,
@@ -157,7 +160,8 @@ def window_attention_sdpa(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.T
 
 def window_attention_flash_attn(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor,
                                 slot_pos: torch.Tensor, q_pos: torch.Tensor, grid_h: int, grid_w: int,
-                                theta: float = 10000.0, scale: float | None = None) -> torch.Tensor:
+                                theta: float = 10000.0, scale: float | None = None, *,
+                                spatial_roped_keys: bool = False) -> torch.Tensor:
     """`window_attention_reference` through flash-attn (fp16/bf16 on CUDA). flash-attn has no mask,
     so valid slots are moved first (stable device argsort, no host sync) in a roped copy of the
     ring and `cache_seqlens` = valid slots x T limits each row to them."""
@@ -176,16 +180,24 @@ def window_attention_flash_attn(q: torch.Tensor, k_ring: torch.Tensor, v_ring: t
     k_sorted = torch.gather(k_ring, 1, index)
     v_sorted = torch.gather(v_ring, 1, index).to(q.dtype).contiguous()
     pos_sorted = torch.gather(slot_pos, 1, order)
-    q_rot, k_rot, _ = _rope_inputs(q, k_sorted, pos_sorted, q_pos, grid_h, grid_w, theta)
+    q_rot, k_rot, _ = _rope_inputs(q, k_sorted, pos_sorted, q_pos, grid_h, grid_w, theta, spatial_roped_keys)
     seqlens = (valid.sum(dim=1) * T).to(torch.int32)
     return module.flash_attn_with_kvcache(q_rot.contiguous(), k_rot.contiguous(), v_sorted,
                                           cache_seqlens=seqlens, softmax_scale=scale, causal=False)
 
 
+def _triton_attention(q, k_ring, v_ring, slot_pos, q_pos, grid_h, grid_w, theta=10000.0, scale=None, *,
+                      spatial_roped_keys=False):
+    if not spatial_roped_keys:
+        raise ValueError("the Triton window attention reads keys stored with their height/width rotation "
+                         "(written by qk_norm_kv_write(..., rope_grid=...)): pass spatial_roped_keys=True")
+    return window_attention_triton(q, k_ring, v_ring, slot_pos, q_pos, grid_h, grid_w, theta, scale)
+
+
 _ATTENTION = {
     "reference": window_attention_reference,
     "sdpa": window_attention_sdpa,
-    "triton": window_attention_triton,
+    "triton": _triton_attention,
     "flash_attn": window_attention_flash_attn,
 }
 
@@ -195,17 +207,22 @@ _ATTENTION = {
 # --------------------------------------------------------------------------------------------------
 def window_attention(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor, slot_pos: torch.Tensor,
                      q_pos: torch.Tensor, grid_h: int, grid_w: int, theta: float = 10000.0,
-                     scale: float | None = None, *, backend: str = "auto") -> torch.Tensor:
-    """Window attention (see kernels/window_attention.py) on the chosen backend."""
+                     scale: float | None = None, *, spatial_roped_keys: bool = False,
+                     backend: str = "auto") -> torch.Tensor:
+    """Window attention (see kernels/window_attention.py) on the chosen backend. `spatial_roped_keys`
+    says how the ring was written (qk_norm_kv_write with or without rope_grid); `triton` needs True."""
     impl = _ATTENTION[_resolve(q.device, backend)]
-    return impl(q, k_ring, v_ring, slot_pos, q_pos, grid_h, grid_w, theta, scale)
+    return impl(q, k_ring, v_ring, slot_pos, q_pos, grid_h, grid_w, theta, scale,
+                spatial_roped_keys=spatial_roped_keys)
 
 
 def qk_norm_kv_write(q, k, v, q_weight, k_weight, eps, k_ring, v_ring, write_slots, *,
+                     rope_grid: tuple[int, int] | None = None, rope_theta: float = 10000.0,
                      backend: str = "auto") -> torch.Tensor:
     """q/k RMSNorm + KV ring write: the Triton kernel on `triton`, the reference otherwise."""
     fn = qk_norm_kv_write_triton if _resolve(q.device, backend) == "triton" else qk_norm_kv_write_reference
-    return fn(q, k, v, q_weight, k_weight, eps, k_ring, v_ring, write_slots)
+    return fn(q, k, v, q_weight, k_weight, eps, k_ring, v_ring, write_slots, rope_grid=rope_grid,
+              rope_theta=rope_theta)
 
 
 def layernorm_modulate(x, shift, scale, tokens_per_frame, eps, *, backend: str = "auto") -> torch.Tensor:

@@ -1,7 +1,10 @@
 """q/k RMSNorm over the full model width, fused with writing k and v into the KV ring.
 
 The norm is the release's: x * rsqrt(mean(x^2) + eps) in fp32, cast to the activation dtype, then
-times the weight. k is stored un-roped (RoPE is applied when attention reads it).
+times the weight. k is stored un-roped, or (with `rope_grid`, the layout the Triton attention reads)
+rotated by the height/width part of RoPE only: that part depends only on the token's place in its
+frame, so it is applied once here; the frame part, the one that moves when positions shift, is applied
+when attention reads the key (see kernels/window_attention.py).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from ._triton_util import (
     next_pow2,
     tl,
 )
+from .rope import device_spatial_cos_sin, rotate_spatial
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -30,18 +34,23 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 def qk_norm_kv_write_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
                                k_ring: torch.Tensor, v_ring: torch.Tensor,
-                               write_slots: torch.Tensor) -> torch.Tensor:
+                               write_slots: torch.Tensor, *, rope_grid: tuple[int, int] | None = None,
+                               rope_theta: float = 10000.0) -> torch.Tensor:
     """q, k, v: [B, Fq*T, dim]; rings [B, S*T, H, D]; write_slots [B, Fq] (slot of each block frame).
 
-    Writes RMSNorm(k) (un-roped) and v into the ring slots, cast to the ring dtype; returns RMSNorm(q)
+    Writes RMSNorm(k) and v into the ring slots, cast to the ring dtype (k un-roped, or rotated by
+    the height/width part of RoPE when `rope_grid` = (grid_h, grid_w) is given); returns RMSNorm(q)
     as [B, Fq*T, H, D] in q's dtype. The product with the weight is taken in the activation dtype
     (weight cast to it first), as the release does. Rows of other slots are not touched.
     """
-    B, Lq, dim = q.shape
+    B, Lq, _ = q.shape
     _, ST, H, D = k_ring.shape
     Fq = write_slots.shape[1]
     T = Lq // Fq
-    kn = rms_norm_reference(k, k_weight, eps).view(B, Fq, T, H, D)
+    kn = rms_norm_reference(k, k_weight, eps).view(B, Fq * T, H, D)
+    if rope_grid is not None:
+        kn = rotate_spatial(kn, *rope_grid, rope_theta)
+    kn = kn.view(B, Fq, T, H, D)
     vv = v.view(B, Fq, T, H, D)
     kr = k_ring.view(B, ST // T, T, H, D)
     vr = v_ring.view(B, ST // T, T, H, D)
@@ -55,15 +64,20 @@ def qk_norm_kv_write_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 # Triton kernel: one program per token row. The row of q and of k (the full model width, H * D) is
 # normalised in fp32 in registers; q goes to its output, k and v go straight to ring row
 # slot * T + t of the token's frame (slot read from write_slots on the device, so no host sync).
+# With ROPE, k is rotated by its height/width angles on the way (adjacent channel pairs: the row is
+# viewed as [BLOCK/2, 2], split, rotated in fp32 and joined back). cos/sin come from a [T, D/2] table
+# (frame pairs hold angle 0), shared by all heads of a token: computing them here would make this
+# memory-bound kernel compute-bound (~2500 SASS instructions a thread with libdevice sin/cos, ~450
+# without).
 # --------------------------------------------------------------------------------------------------
 def _qk_norm_kv_write_kernel(
         q_ptr, k_ptr, v_ptr, q_weight_ptr, k_weight_ptr, q_out_ptr, k_ring_ptr, v_ring_ptr, slots_ptr,
         stride_qb, stride_ql, stride_kb, stride_kl, stride_vb, stride_vl,
         stride_ob, stride_ol, stride_oh,
         stride_krb, stride_krl, stride_krh, stride_vrb, stride_vrl, stride_vrh,
-        stride_wb, stride_wf,
+        stride_wb, stride_wf, cos_ptr, sin_ptr,
         Lq, T, S, eps,
-        DIM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+        DIM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, ROPE: tl.constexpr):
     row = tl.program_id(0)
     b = (row // Lq).to(tl.int64)            # int64: batch offsets of a large ring overflow int32
     i = row % Lq
@@ -88,8 +102,15 @@ def _qk_norm_kv_write_kernel(
     k = tl.load(k_ptr + b * stride_kb + i * stride_kl + c, mask=c_ok, other=0.0).to(tl.float32)
     k_w = tl.load(k_weight_ptr + c, mask=c_ok, other=0.0).to(act).to(tl.float32)
     k_n = (k * tl.rsqrt(tl.sum(k * k, 0) / DIM + eps)).to(act).to(tl.float32)
+    k_n = (k_n * k_w).to(act).to(tl.float32)
+    if ROPE:
+        table = (i % T) * (HEAD_DIM // 2) + tl.arange(0, BLOCK // 2) % (HEAD_DIM // 2)
+        cos = tl.load(cos_ptr + table)
+        sin = tl.load(sin_ptr + table)
+        e, o = tl.split(tl.reshape(k_n, (BLOCK // 2, 2)))
+        k_n = tl.reshape(tl.join(e * cos - o * sin, e * sin + o * cos), (BLOCK,))
     tl.store(k_ring_ptr + b * stride_krb + ring_row * stride_krl + head * stride_krh + d,
-             (k_n * k_w).to(act).to(k_ring_ptr.dtype.element_ty), mask=w_ok)
+             k_n.to(k_ring_ptr.dtype.element_ty), mask=w_ok)
 
     v = tl.load(v_ptr + b * stride_vb + i * stride_vl + c, mask=c_ok, other=0.0)
     tl.store(v_ring_ptr + b * stride_vrb + ring_row * stride_vrl + head * stride_vrh + d,
@@ -138,6 +159,15 @@ def _check_kv_write_inputs(q, k, v, q_weight, k_weight, k_ring, v_ring, write_sl
     return T, k_ring.shape[1] // T
 
 
+def _check_rope_grid(rope_grid: tuple[int, int] | None, T: int) -> None:
+    """A (grid_h, grid_w) must tile the T tokens of a frame."""
+    if rope_grid is None:
+        return
+    grid_h, grid_w = rope_grid
+    if grid_h < 1 or grid_w < 1 or grid_h * grid_w != T:
+        raise ValueError(f"{_OP}: rope_grid {tuple(rope_grid)} does not tile the {T} tokens of a frame")
+
+
 def _check_slots_on_host(write_slots: torch.Tensor, S: int) -> None:
     """Slot range and uniqueness, checked only when the slots already live on the host (no sync)."""
     if write_slots.device.type != "cpu":
@@ -152,8 +182,10 @@ def _check_slots_on_host(write_slots: torch.Tensor, S: int) -> None:
 def qk_norm_kv_write_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
                             k_ring: torch.Tensor, v_ring: torch.Tensor, write_slots: torch.Tensor, *,
+                            rope_grid: tuple[int, int] | None = None, rope_theta: float = 10000.0,
                             out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of `qk_norm_kv_write_reference` (same arguments, same result and ring writes).
+    The Triton window attention reads keys written with `rope_grid`.
 
     On CUDA, write_slots is not inspected on the host (no sync): slots outside [0, S) write nothing,
     and a slot named twice in one row is a race. On the CPU both are rejected with an error.
@@ -174,13 +206,17 @@ def qk_norm_kv_write_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             raise ValueError(f"{_OP}: out must be {q.dtype} on {device}, got {out.dtype} on {out.device}")
         check_last_dim_contiguous(_OP, "out", out)
     block = next_pow2(dim)
+    _check_rope_grid(rope_grid, T)
+    cos, sin = (device_spatial_cos_sin(*rope_grid, D, rope_theta, device) if rope_grid is not None
+                else (q_weight, q_weight))    # unused without RoPE: any pointer will do
     compiled(_qk_norm_kv_write_kernel)[(B * Lq,)](
         q, k, v, q_weight, k_weight, out, k_ring, v_ring, write_slots,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         k_ring.stride(0), k_ring.stride(1), k_ring.stride(2),
         v_ring.stride(0), v_ring.stride(1), v_ring.stride(2),
-        write_slots.stride(0), write_slots.stride(1),
+        write_slots.stride(0), write_slots.stride(1), cos, sin,
         Lq, T, S, float(eps),
-        DIM=dim, HEAD_DIM=D, BLOCK=block, num_warps=_row_warps(block), enable_fp_fusion=FP_FUSION)
+        DIM=dim, HEAD_DIM=D, BLOCK=block, ROPE=rope_grid is not None,
+        num_warps=_row_warps(block), enable_fp_fusion=FP_FUSION)
     return out

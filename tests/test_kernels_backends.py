@@ -25,6 +25,7 @@ from kernels.backends import (
 )
 from kernels.kv_write import qk_norm_kv_write_reference
 from kernels.norm_modulate import gated_residual_reference, layernorm_modulate_reference
+from kernels.rope import rotate_spatial
 from kernels.window_attention import INVALID_POS, window_attention_reference
 
 X = INVALID_POS
@@ -101,13 +102,27 @@ def test_sdpa_matches_reference(dtype, tol):
 
 
 def test_dispatch_every_available_backend_agrees():
+    """Every backend, on un-roped keys and on spatially roped keys (the ring the Triton KV write
+    stores), gives the reference's result on un-roped keys."""
     q, k, v, slot_pos, q_pos = attention_inputs(seed=2)
     expected = window_attention_reference(q, k, v, slot_pos, q_pos, *GRID)
+    k_spatial = rotate_spatial(k, *GRID)
     for name in available_backends(DEVICE):
         if name == "flash_attn":
             continue                              # fp16/bf16 only: covered by the GPU test below
-        out = window_attention(q, k, v, slot_pos, q_pos, *GRID, backend=name)
-        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=f"backend {name}")
+        if name != "triton":
+            out = window_attention(q, k, v, slot_pos, q_pos, *GRID, backend=name)
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=f"backend {name}")
+        out = window_attention(q, k_spatial, v, slot_pos, q_pos, *GRID, spatial_roped_keys=True, backend=name)
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5, msg=f"backend {name}, roped keys")
+
+
+def test_triton_dispatch_refuses_unroped_keys():
+    if "triton" not in available_backends(DEVICE):
+        pytest.skip("triton is not available here")
+    q, k, v, slot_pos, q_pos = attention_inputs(seed=5)
+    with pytest.raises(ValueError, match="spatial_roped_keys"):
+        window_attention(q, k, v, slot_pos, q_pos, *GRID, backend="triton")
 
 
 def test_norm_ops_dispatch_to_reference_on_sdpa():
@@ -133,6 +148,8 @@ def test_gpu_flash_attn_matches_reference():
     if "flash_attn" not in available_backends("cuda"):
         pytest.skip("flash_attn is not importable on this machine")
     q, k, v, slot_pos, q_pos = attention_inputs(torch.bfloat16, seed=4)
-    out = window_attention(q, k, v, slot_pos, q_pos, *GRID, backend="flash_attn")
     expected = window_attention_reference(q.float(), k.float(), v.float(), slot_pos, q_pos, *GRID)
-    torch.testing.assert_close(out.float(), expected, atol=4e-2, rtol=4e-2)
+    for roped in (False, True):
+        keys = rotate_spatial(k, *GRID).to(k.dtype) if roped else k
+        out = window_attention(q, keys, v, slot_pos, q_pos, *GRID, spatial_roped_keys=roped, backend="flash_attn")
+        torch.testing.assert_close(out.float(), expected, atol=4e-2, rtol=4e-2)

@@ -4,6 +4,10 @@ On a machine without CUDA the kernel runs in Triton's interpreter (TRITON_INTERP
 before any kernel is compiled; Triton reads it when a kernel is first built). Shapes are tiny there.
 The `gpu` tests repeat the comparison at the real shape (Lq 3072, 15 slots x 1024 tokens, 12 x 128).
 
+The kernel reads keys that carry their height/width rotation (the layout the Triton KV write stores,
+`kernels.rope.rotate_spatial`); the reference is given the same ring with `spatial_roped_keys=True`,
+and `test_spatially_roped_ring_is_the_unroped_ring` ties that layout to un-roped keys.
+
 Tolerances (max |kernel - reference| <= atol + rtol * |reference|), reference in fp32 on the same
 (rounded) inputs:
 - fp32: 1e-5. Everything stays fp32 (MMA in IEEE fp32); angles are bit-identical to the reference.
@@ -23,6 +27,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
 from kernels._triton_util import interpreting
+from kernels.rope import rotate_spatial
 from kernels.window_attention import (
     INVALID_POS,
     AttentionConfig,
@@ -44,15 +49,16 @@ def case_inputs(name, dtype, seed, heads=None):
 
 
 def make_inputs(B, H, D, grid, slot_pos, q_pos, dtype, seed):
-    """Random q and rings; empty slots of the kernel's ring are poisoned with NaN (never to be read),
-    the reference gets zeros there (it multiplies them by a zero weight)."""
+    """Random q and rings (keys spatially roped, as stored); empty slots of the kernel's ring are
+    poisoned with NaN (never to be read), the reference gets zeros there (it multiplies them by a zero
+    weight)."""
     g = torch.Generator().manual_seed(seed)
     T = grid[0] * grid[1]
     slot_pos = torch.tensor(slot_pos, dtype=torch.int32)
     q_pos = torch.tensor(q_pos, dtype=torch.int32)
     S, Fq = slot_pos.shape[1], q_pos.shape[1]
     q = torch.randn(B, Fq * T, H, D, generator=g).to(dtype)
-    k = torch.randn(B, S * T, H, D, generator=g).to(dtype)
+    k = rotate_spatial(torch.randn(B, S * T, H, D, generator=g).to(dtype), *grid).to(dtype)
     v = torch.randn(B, S * T, H, D, generator=g).to(dtype)
     empty = (slot_pos == INVALID_POS).repeat_interleave(T, dim=1)[:, :, None, None]
     k_ref, v_ref = k.masked_fill(empty, 0.0), v.masked_fill(empty, 0.0)
@@ -62,10 +68,14 @@ def make_inputs(B, H, D, grid, slot_pos, q_pos, dtype, seed):
     return dev, ref
 
 
+def reference(q, k, v, slot_pos, q_pos, grid, **kw):
+    return window_attention_reference(q.float(), k.float(), v.float(), slot_pos, q_pos, *grid,
+                                      spatial_roped_keys=True, **kw)
+
+
 def check(out, ref_inputs, grid, dtype):
-    q, k, v, slot_pos, q_pos = ref_inputs
-    expected = window_attention_reference(q.float(), k.float(), v.float(), slot_pos, q_pos, *grid)
-    assert out.dtype == dtype and out.shape == q.shape
+    expected = reference(*ref_inputs, grid)
+    assert out.dtype == dtype and out.shape == ref_inputs[0].shape
     assert torch.isfinite(out).all(), "unwritten or NaN-contaminated outputs"
     tol = TOL[dtype]
     torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
@@ -106,8 +116,7 @@ def test_every_output_written_and_scale_used():
     out = torch.full_like(dev[0], float("nan"))
     result = window_attention_triton(*dev, *c["grid"], scale=0.3, out=out)
     assert result.data_ptr() == out.data_ptr()
-    q, k, v, slot_pos, q_pos = ref
-    expected = window_attention_reference(q, k, v, slot_pos, q_pos, *c["grid"], scale=0.3)
+    expected = reference(*ref, c["grid"], scale=0.3)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -121,9 +130,27 @@ def test_strided_query_view_and_explicit_config():
     out = window_attention_triton(q[:, :, sl], k[:, :, sl], v[:, :, sl], slot_pos, q_pos, *c["grid"],
                                   config=cfg)
     qr, kr, vr, _, _ = ref
-    expected = window_attention_reference(qr[:, :, sl], kr[:, :, sl], vr[:, :, sl], slot_pos, q_pos,
-                                          *c["grid"])
+    expected = reference(qr[:, :, sl], kr[:, :, sl], vr[:, :, sl], slot_pos, q_pos, c["grid"])
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_spatially_roped_ring_is_the_unroped_ring(name):
+    """The split rotation (height/width at write time, frame at read time) is the full rotation:
+    the reference over un-roped keys equals it over the same keys spatially roped."""
+    c = CASES[name]
+    g = torch.Generator().manual_seed(7)
+    T, S, Fq = c["grid"][0] * c["grid"][1], len(c["slot_pos"][0]), len(c["q_pos"][0])
+    q = torch.randn(c["B"], Fq * T, c["H"], c["D"], generator=g)
+    k, v = (torch.randn(c["B"], S * T, c["H"], c["D"], generator=g) for _ in range(2))
+    slot_pos, q_pos = (torch.tensor(c[n], dtype=torch.int32) for n in ("slot_pos", "q_pos"))
+    plain = window_attention_reference(q, k, v, slot_pos, q_pos, *c["grid"])
+    split = window_attention_reference(q, rotate_spatial(k, *c["grid"]), v, slot_pos, q_pos, *c["grid"],
+                                       spatial_roped_keys=True)
+    torch.testing.assert_close(split, plain, atol=2e-5, rtol=1e-5)
+    # and the layouts are not interchangeable (the flag matters)
+    assert not torch.allclose(window_attention_reference(q, k, v, slot_pos, q_pos, *c["grid"],
+                                                         spatial_roped_keys=True), plain, atol=1e-3)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -147,11 +174,12 @@ def test_bad_inputs_raise_clear_errors():
 
 
 # ---------------------------------------------------------------------------------------------- GPU
-def _real_shape_inputs(slot_pos, seed):
+def _real_shape_inputs(slot_pos, seed, grid=(32, 32)):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    B, H, D, T, S = 1, 12, 128, 1024, 15
+    B, H, D, T, S = 1, 12, 128, grid[0] * grid[1], 15
     q = torch.randn(B, 3 * T, H, D, device="cuda", generator=g, dtype=torch.bfloat16)
     k = torch.randn(B, S * T, H, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    k = rotate_spatial(k, *grid).to(torch.bfloat16)
     v = torch.randn(B, S * T, H, D, device="cuda", generator=g, dtype=torch.bfloat16)
     sp = torch.tensor([slot_pos], dtype=torch.int32, device="cuda")
     qp = torch.tensor([[0, 1, 2]], dtype=torch.int32, device="cuda")
@@ -166,8 +194,9 @@ def _real_shape_inputs(slot_pos, seed):
     # block 1: the ring is not full yet (empty slots)
     [-3, -2, -1, 0, 1, 2, X, X, X, X, X, X, X, X, X],
 ])
-def test_gpu_real_shape_matches_reference(slot_pos):
-    q, k, v, sp, qp = _real_shape_inputs(slot_pos, seed=0)
-    out = window_attention_triton(q, k, v, sp, qp, 32, 32)
-    expected = window_attention_reference(q.float(), k.float(), v.float(), sp, qp, 32, 32)
+@pytest.mark.parametrize("grid", [(32, 32), (30, 52)], ids=["512x512", "480x832"])
+def test_gpu_real_shape_matches_reference(slot_pos, grid):
+    q, k, v, sp, qp = _real_shape_inputs(slot_pos, seed=0, grid=grid)
+    out = window_attention_triton(q, k, v, sp, qp, *grid)
+    expected = reference(q, k, v, sp, qp, grid)
     torch.testing.assert_close(out.float(), expected, atol=TOL[torch.bfloat16], rtol=TOL[torch.bfloat16])

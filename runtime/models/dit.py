@@ -176,7 +176,7 @@ class CausalAudioDiT(nn.Module):
         sa = blk.self_attn
         x = ops.layernorm_modulate(h, shift1, scale1, T, eps)
         q = ops.qk_norm_kv_write(sa.q(x), sa.k(x), sa.v(x), sa.norm_q.weight, sa.norm_k.weight, eps,
-                                 ring_k, ring_v, plan.write_slots)
+                                 ring_k, ring_v, plan.write_slots, grid, self.cfg.rope_theta)
         attn = ops.window_attention(q, ring_k, ring_v, plan.slot_pos, plan.q_pos, grid, self.cfg.rope_theta)
         h = ops.gated_residual(h, sa.o(attn.flatten(2)), gate1, T)
         h = h + self._cross_attn(blk.cross_attn, blk.norm3(h), text_kv)

@@ -21,13 +21,14 @@ from kernels.window_attention import window_attention_reference, window_attentio
 
 class Ops:
     name = "reference"
+    spatial_roped_keys = False
 
     @staticmethod
     def rms_norm(x, weight, eps):
         return rms_norm_reference(x, weight, eps)
 
     @staticmethod
-    def qk_norm_kv_write(q, k, v, q_weight, k_weight, eps, ring_k, ring_v, write_slots):
+    def qk_norm_kv_write(q, k, v, q_weight, k_weight, eps, ring_k, ring_v, write_slots, grid, theta):
         return qk_norm_kv_write_reference(q, k, v, q_weight, k_weight, eps, ring_k, ring_v, write_slots)
 
     @staticmethod
@@ -63,10 +64,12 @@ class FlashAttnOps(Ops):
 class TritonOps(Ops):
     """The fused Triton kernels: in-kernel RoPE over the ring, fused qk-norm + KV write, fused norms."""
     name = "triton"
+    spatial_roped_keys = True
 
     @staticmethod
-    def qk_norm_kv_write(q, k, v, q_weight, k_weight, eps, ring_k, ring_v, write_slots):
-        return qk_norm_kv_write_triton(q, k, v, q_weight, k_weight, eps, ring_k, ring_v, write_slots)
+    def qk_norm_kv_write(q, k, v, q_weight, k_weight, eps, ring_k, ring_v, write_slots, grid, theta):
+        return qk_norm_kv_write_triton(q, k, v, q_weight, k_weight, eps, ring_k, ring_v, write_slots,
+                                       rope_grid=grid, rope_theta=theta)
 
     @staticmethod
     def window_attention(q, ring_k, ring_v, slot_pos, q_pos, grid, theta):

@@ -1,0 +1,223 @@
+"""Static cost of the Triton kernels from Hopper SASS, measured without a GPU.
+
+Triton compiles ahead of time for a named target (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptxas
+it ships), and it ships nvdisasm and cuobjdump too. This reads, for each kernel at the real shape:
+registers and stack per thread, shared memory, and the innermost loop that holds MMAs (the attention's
+key loop): its length in SASS instructions, its wgmma (HGMMA) and special-function (MUFU: exp2, sin,
+cos) counts, and whether it touches local memory (a spill). These are proxies, not speed: they explain
+a tile choice and catch regressions (a spill, rotation work creeping back into the key loop), and the
+GPU benchmark (benchmarks/bench_kernels.py) overrules them.
+
+Run:  python -m benchmarks.sass_report [--json out.json]
+Compiling must happen in a process where Triton's interpreter has not run (TRITON_INTERPRET unset).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import torch
+
+from kernels import kv_write, norm_modulate, window_attention
+from kernels._triton_util import bind_helpers, next_pow2
+from kernels.rope import rope_split
+
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+except ImportError:  # pragma: no cover - no triton, or a triton without the ahead-of-time API
+    triton = None
+
+HOPPER = GPUTarget("cuda", 90, 32) if triton else None
+AMPERE = GPUTarget("cuda", 80, 32) if triton else None
+# runtime ints Triton does not see as multiples of 16 at launch (the others are specialised as such)
+_NOT_ALIGNED = {"stride_ss", "stride_pf", "stride_wf", "S", "eps", "qk_scale", "grid_w"}
+_FLOAT_ARGS = ("eps", "qk_scale")
+
+
+def compile_for(fn, target, pointer_types: dict[str, str], constexprs: dict, num_warps: int,
+                num_stages: int = 3, unaligned: tuple[str, ...] = ()):
+    """Compile plain kernel `fn` for `target`; pointers typed by name, other runtime args i32/fp32.
+    Runtime ints are taken as multiples of 16 (as Triton specialises them at launch) unless named in
+    `_NOT_ALIGNED` or `unaligned`."""
+    jit = JITFunction(bind_helpers(fn, JITFunction))
+    signature, attrs = {}, {}
+    for i, name in enumerate(jit.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        if name.endswith("_ptr"):
+            signature[name] = pointer_types[name]
+        else:
+            signature[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+        if name not in _NOT_ALIGNED and name not in unaligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=jit, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages,
+                                                         "enable_fp_fusion": True})
+
+
+def compile_attention(target, dtype_name: str, tl_dtype, head_dim: int, torch_dtype: torch.dtype,
+                      tokens_per_frame: int = 1024, config: window_attention.AttentionConfig | None = None):
+    """The window attention at 12 heads; 1024 tokens a frame is 512x512 (whole key tiles), 1560 is
+    480x832 (a partial last tile; T and Lq = 3T not multiples of 16)."""
+    cfg = config or window_attention.default_attention_config(head_dim, torch_dtype, torch.device("cuda"))
+    n_frame, n_height, _ = (p // 2 for p in rope_split(head_dim))
+    ptrs = {n: f"*{dtype_name}" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
+    ptrs.update(slot_pos_ptr="*i32", q_pos_ptr="*i32", inv_freq_ptr="*fp32")
+    constexprs = {"H": 12, "D": head_dim, "N_FRAME": n_frame, "N_HEIGHT": n_height,
+                  "INVALID": window_attention.INVALID_POS, "BLOCK_M": cfg.block_m,
+                  "BLOCK_N": cfg.block_n, "BLOCK_D": next_pow2(head_dim),
+                  "EVEN_T": tokens_per_frame % cfg.block_n == 0,
+                  "DOT_PRECISION": "ieee" if dtype_name == "fp32" else "tf32", "MMA_DTYPE": tl_dtype}
+    unaligned = () if tokens_per_frame % 16 == 0 else ("T", "Lq")
+    return compile_for(window_attention._window_attention_kernel, target, ptrs, constexprs,
+                       cfg.num_warps, cfg.num_stages, unaligned)
+
+
+def compile_kv_write(rope: bool, dim: int = 1536, head_dim: int = 128):
+    ptrs = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "q_out_ptr", "k_ring_ptr", "v_ring_ptr")}
+    ptrs.update(q_weight_ptr="*fp32", k_weight_ptr="*fp32", slots_ptr="*i32", cos_ptr="*fp32",
+                sin_ptr="*fp32")
+    block = next_pow2(dim)
+    return compile_for(kv_write._qk_norm_kv_write_kernel, HOPPER, ptrs,
+                       {"DIM": dim, "HEAD_DIM": head_dim, "BLOCK": block, "ROPE": rope},
+                       num_warps=kv_write._row_warps(block))
+
+
+def compile_norms(dim: int = 1536):
+    block = next_pow2(dim)
+    warps = norm_modulate._row_warps(block)
+    ptrs = {"x_ptr": "*bf16", "shift_ptr": "*fp32", "scale_ptr": "*fp32", "out_ptr": "*bf16"}
+    ln = compile_for(norm_modulate._layernorm_modulate_kernel, HOPPER, ptrs, {"DIM": dim, "BLOCK": block},
+                     num_warps=warps)
+    ptrs = {"x_ptr": "*bf16", "y_ptr": "*bf16", "gate_ptr": "*fp32", "out_ptr": "*bf16"}
+    gr = compile_for(norm_modulate._gated_residual_kernel, HOPPER, ptrs, {"DIM": dim, "BLOCK": block},
+                     num_warps=warps)
+    return ln, gr
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the cubin
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class KernelReport:
+    name: str
+    registers: int
+    stack_bytes: int
+    shared_bytes: int
+    instructions: int
+    loop_instructions: int | None     # the innermost loop holding MMAs (None: no such loop)
+    loop_hgmma: int
+    loop_mufu: int
+    loop_local_memory: int            # LDL/STL in that loop: register spills
+
+
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _disassemble(cubin: bytes) -> tuple[str, str]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        sass = subprocess.run([_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    finally:
+        os.unlink(f.name)
+    return sass, usage
+
+
+def _instructions(sass: str) -> tuple[list[str], dict[str, int]]:
+    """SASS instruction texts in order, and the instruction index of every label."""
+    instr, labels = [], {}
+    for line in sass.splitlines():
+        label = re.match(r"^(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(instr)
+            continue
+        op = re.match(r"\s*/\*[0-9a-f]+\*/\s+(.*?);", line)
+        if op:
+            instr.append(op.group(1))
+    return instr, labels
+
+
+def _innermost_mma_loop(instr: list[str], labels: dict[str, int]) -> list[str] | None:
+    """The shortest backward-branch range that contains an HGMMA (or HMMA: pre-Hopper)."""
+    loops = []
+    for end, text in enumerate(instr):
+        target = re.search(r"BRA\s+`?\((\.L_x_\d+)\)", text)
+        if target and labels.get(target.group(1), end + 1) <= end:
+            body = instr[labels[target.group(1)]:end + 1]
+            if any("HGMMA" in x or "HMMA" in x for x in body):
+                loops.append(body)
+    return min(loops, key=len) if loops else None
+
+
+def report(name: str, kernel) -> KernelReport:
+    sass, usage = _disassemble(kernel.asm["cubin"])
+    regs, stack = (int(v) for v in re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
+    instr, labels = _instructions(sass)
+    loop = _innermost_mma_loop(instr, labels) or []
+    return KernelReport(
+        name=name, registers=regs, stack_bytes=stack, shared_bytes=int(kernel.metadata.shared),
+        instructions=len(instr), loop_instructions=len(loop) or None,
+        loop_hgmma=sum("HGMMA" in x for x in loop), loop_mufu=sum("MUFU" in x for x in loop),
+        loop_local_memory=sum(bool(re.search(r"\b(LDL|STL)\b", x)) for x in loop))
+
+
+def opcode_histogram(kernel, top: int = 20) -> list[tuple[str, int]]:
+    """The most frequent opcodes of the innermost MMA loop (predicates and modifiers dropped)."""
+    instr, labels = _instructions(_disassemble(kernel.asm["cubin"])[0])
+    loop = _innermost_mma_loop(instr, labels) or []
+    return Counter(re.sub(r"^@!?U?P\w+\s+", "", x).split()[0].split(".")[0] for x in loop).most_common(top)
+
+
+def all_reports() -> list[KernelReport]:
+    bf16 = triton.language.bfloat16
+    out = []
+    for tokens, label in ((1024, "512x512"), (1560, "480x832")):
+        kernel = compile_attention(HOPPER, "bf16", bf16, 128, torch.bfloat16, tokens)
+        out.append(report(f"window_attention bf16 D128 {label} (default tiles)", kernel))
+    for cfg in ((128, 64, 8, 3), (128, 128, 8, 2)):
+        kernel = compile_attention(HOPPER, "bf16", bf16, 128, torch.bfloat16, 1024,
+                                   window_attention.AttentionConfig(*cfg))
+        out.append(report("window_attention bf16 D128 512x512 bm{}_bn{}_w{}_s{}".format(*cfg), kernel))
+    out.append(report("qk_norm_kv_write bf16 1536 (un-roped)", compile_kv_write(rope=False)))
+    out.append(report("qk_norm_kv_write bf16 1536 (spatial RoPE)", compile_kv_write(rope=True)))
+    ln, gr = compile_norms()
+    out.append(report("layernorm_modulate bf16 1536", ln))
+    out.append(report("gated_residual bf16 1536", gr))
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if triton is None:
+        print("triton (with its ahead-of-time compile API) is not installed", file=sys.stderr)
+        return 1
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: this compiles for the GPU", file=sys.stderr)
+        return 1
+    reports = all_reports()
+    for r in reports:
+        loop = (f"loop {r.loop_instructions} instr, {r.loop_hgmma} HGMMA, {r.loop_mufu} MUFU, "
+                f"{r.loop_local_memory} local" if r.loop_instructions else "no MMA loop")
+        print(f"{r.name:55s} {r.registers:3d} regs, stack {r.stack_bytes:3d} B, smem {r.shared_bytes:6d} B, "
+              f"{r.instructions:5d} instr; {loop}")
+    if "--json" in argv:
+        with open(argv[argv.index("--json") + 1], "w") as f:
+            json.dump([asdict(r) for r in reports], f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
