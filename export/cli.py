@@ -66,7 +66,8 @@ def export_artifacts(source: str, directory: str | Path, *, onnx: bool = True, t
     if (tensorrt or tensorrt_dit) and not onnx:
         raise ValueError("TensorRT engines are built from the ONNX graphs: drop --no-onnx")
     progress(f"building {source} on {device} ({dtype})")
-    eng = Engine.from_pretrained(source, device=device, dtype=torch_dtype, seed=seed)
+    # the export needs no text encoder (prompts enter as embeddings): never load umT5 for it
+    eng = Engine.from_pretrained(source, device=device, dtype=torch_dtype, seed=seed, text_encoder=False)
     cfg, dit, vae = eng.config, eng.dit, eng.vae
     stages = build_stages(dit, vae, cfg, batch=1, ring_io=ring_io, dtype=torch_dtype)
     for stage in stages.values():
