@@ -41,6 +41,7 @@ def run_bench(engine, seconds: float, chunk_ms: float = 40.0, warmup_blocks: int
         "tool": "avatar bench",
         "environment": environment(engine.device),
         "settings": {**settings(engine.config, engine.device, engine.dtype, engine.ops.name, engine.decoder_name),
+                     "quantize": f"fp8-{engine.quantization.granularity}" if engine.quantization else None,
                      "seconds": seconds, "chunk_ms": chunk_ms, "warmup_blocks": warmup_blocks, "rounds": rounds,
                      "dit_blocks": dit_blocks, "seed": seed, "peak_tflops": peak, "random_weights": True},
         "results": results,
@@ -110,7 +111,8 @@ def _config(preset: str, resolution: str | None):
         raise typer.BadParameter(str(e), param_hint="--resolution") from e
 
 
-def _build_engine(cfg, device: str | None, dtype: str | None, backend: str, seed: int, decoder: str = "wan"):
+def _build_engine(cfg, device: str | None, dtype: str | None, backend: str, seed: int, decoder: str = "wan",
+                  quantize: str | None = None):
     import torch
 
     from runtime.engine import Engine
@@ -125,9 +127,10 @@ def _build_engine(cfg, device: str | None, dtype: str | None, backend: str, seed
         raise typer.BadParameter(f"decoder must be wan or taehv, got {decoder!r}", param_hint="--decoder")
     try:
         return Engine.random(cfg, device=device, dtype=getattr(torch, dtype) if dtype else None, backend=backend,
-                             seed=seed, decoder=decoder)
-    except ValueError as e:  # e.g. a backend this device cannot run
-        raise typer.BadParameter(str(e), param_hint="--backend") from e
+                             seed=seed, decoder=decoder, quantize=quantize)
+    except (ValueError, RuntimeError) as e:  # e.g. a backend or FP8 mode this device cannot run
+        raise typer.BadParameter(str(e), param_hint="--quantize" if "quantiz" in str(e) or "FP8" in str(e)
+                                 else "--backend") from e
 
 
 def bench(
@@ -154,9 +157,11 @@ def bench(
                                          "(tiny decoder, ~25x fewer FLOPs).")] = "wan",
     peak_tflops: Annotated[float | None, typer.Option("--peak-tflops", min=1e-9, help="Rate the floor assumes "
                                                       "(default 790, dense bf16 on H100/H200).")] = None,
+    quantize: Annotated[str | None, typer.Option("--quantize", help="fp8 (per-tensor scales) or fp8-row "
+                                                 "(per token / channel): FP8 DiT linears.")] = None,
 ) -> None:
     """Measure per-block latency, FPS, first-frame latency, memory and TFLOP/s; print a table, write JSON."""
-    engine = _build_engine(_config(preset, resolution), device, dtype, backend, seed, decoder)
+    engine = _build_engine(_config(preset, resolution), device, dtype, backend, seed, decoder, quantize)
     from .harness import blocks_in_audio, seconds_for_blocks
 
     secs = DEFAULT_SECONDS.get(preset, 6.0) if seconds is None else seconds

@@ -94,7 +94,7 @@ def format_summary(report: StreamReport, fps: int) -> str:
 # ---- demo ---------------------------------------------------------------------------------------
 
 def _create_engine(source: str, device: str | None, dtype: str | None, decoder: str = "wan",
-                   text_encoder: bool | None = None, text_device: str | None = None):
+                   text_encoder: bool | None = None, text_device: str | None = None, quantize: str | None = None):
     """Engine.from_pretrained, imported late so the CLI loads without the engine's dependencies.
     `text_encoder`: load the umT5 prompt encoder (True: required), or not (False)."""
     try:
@@ -107,8 +107,13 @@ def _create_engine(source: str, device: str | None, dtype: str | None, decoder: 
         torch_dtype = getattr(torch, dtype)
     if decoder not in ("wan", "taehv"):
         raise typer.BadParameter(f"decoder must be wan or taehv, got {decoder!r}", param_hint="--decoder")
-    return Engine.from_pretrained(source, device=device, dtype=torch_dtype, decoder=decoder,
-                                  text_encoder=text_encoder, text_device=text_device)
+    try:
+        return Engine.from_pretrained(source, device=device, dtype=torch_dtype, decoder=decoder,
+                                      text_encoder=text_encoder, text_device=text_device, quantize=quantize)
+    except (ValueError, RuntimeError) as e:
+        if quantize and ("quantiz" in str(e) or "FP8" in str(e) or "fp8" in str(e)):
+            raise typer.BadParameter(str(e), param_hint="--quantize") from e
+        raise
 
 
 def _load_demo_audio(audio: Path | None, seconds: float | None, sample_rate: int,
@@ -201,6 +206,9 @@ def demo(
     text_device: Annotated[str | None, typer.Option(
         "--text-device", help="Device of the text encoder (default: the engine's; cpu saves 11 GB of GPU "
                               "memory, encoding is once per prompt).")] = None,
+    quantize: Annotated[str | None, typer.Option(
+        "--quantize", help="fp8 (per-tensor scales, compute capability >= 8.9) or fp8-row (per token / "
+                           "channel, >= 9.0): FP8 weights and activations in the DiT's linears.")] = None,
 ) -> None:
     """Stream speech through the engine and write an MP4 with per-block timings."""
     if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
@@ -215,7 +223,7 @@ def demo(
 
     # The 11 GB text encoder is loaded only when a text prompt needs it.
     engine = _create_engine(str(checkpoint) if checkpoint else preset, device, dtype, decoder,
-                            text_encoder=prompt is not None, text_device=text_device)
+                            text_encoder=prompt is not None, text_device=text_device, quantize=quantize)
     cfg = engine.config
     sr = cfg.audio.sample_rate
     samples = _load_demo_audio(audio, seconds, sr, resample, seed)

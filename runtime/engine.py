@@ -25,6 +25,7 @@ from .audio import AudioEncoder, AudioStream, Resampler, check_chunk
 from .checkpoint import load_into, read_state_dict
 from .config import PRESETS, EngineConfig
 from .models.dit import BlockPlan, CausalAudioDiT, TimeMod, build_dit
+from .models.fp8 import QuantizeReport, check_fp8_device, quantize_dit_fp8
 from .models.ops import Ops, ops_for
 from .models.taehv import StreamingTAEHVDecoder, TAEHVDecoder
 from .models.vae import StreamingVAEDecoder, WanVAE
@@ -105,6 +106,7 @@ class Engine:
         steps = list(config.sampler.timesteps) + [config.sampler.refresh_timestep]
         self._mods = [self._time_mod(t) for t in steps]
         self._session: _Session | None = None
+        self.quantization: QuantizeReport | None = None   # set by quantize()
         self.text_encoder: PromptEncoder | None = None
         self.text_encoder_missing = "this engine was built without one"  # why there is none, for errors
         if text_encoder is not None:
@@ -115,7 +117,8 @@ class Engine:
     def from_pretrained(cls, path_or_preset: str, device=None, dtype=None, backend: str = "auto",
                         seed: int = 0, config: EngineConfig | str | None = None, decoder: str = "wan", *,
                         text_encoder: bool | None = None, text_config: TextEncoderConfig | str = "umt5-xxl",
-                        text_device=None, text_dtype: torch.dtype = torch.bfloat16) -> Engine:
+                        text_device=None, text_dtype: torch.dtype = torch.bfloat16,
+                        quantize: str | None = None) -> Engine:
         """A preset name gives random weights (seeded); a directory gives the LiveTalk release files.
 
         `config` (an EngineConfig or preset name) states the shapes of the files in the directory:
@@ -128,13 +131,16 @@ class Engine:
         `text_encoder=True` requires it, False skips it (run with precomputed `prompt_embeds`).
         `text_device` (default: the engine's device; "cpu" keeps the GPU memory free, encoding is once
         per prompt) and `text_dtype` (Wan's bf16 by default) place it; `text_config` states its shapes.
+        `quantize`: "fp8" or "fp8-row" (see `quantize`), None keeps the DiT in `dtype`.
         """
         _check_decoder(decoder)
+        _check_quantize(quantize)
         if path_or_preset in PRESETS and not Path(path_or_preset).exists():
             if text_encoder:
                 raise ValueError(f"preset {path_or_preset!r} has random weights and no text encoder; attach one "
                                  "with attach_text_encoder() or pass a release directory")
-            return cls.random(EngineConfig.from_preset(path_or_preset), device, dtype, backend, seed, decoder)
+            return cls.random(EngineConfig.from_preset(path_or_preset), device, dtype, backend, seed, decoder,
+                              quantize=quantize)
         device, dtype = _default_device_dtype(device, dtype)
         if not isinstance(config, EngineConfig):
             config = EngineConfig.from_preset(config or "livetalk-1.3b")
@@ -144,6 +150,8 @@ class Engine:
         if decoder == "taehv":
             taehv = TAEHVDecoder.from_state_dict(read_state_dict(_find(root, "taew2_1.*")), dtype=dtype, device=device)
         engine = cls._assemble(config, dit, vae, audio, device, dtype, backend, taehv)
+        if quantize:
+            engine.quantize(quantize)
         if text_encoder is False:
             engine.text_encoder_missing = "it was skipped (text_encoder=False)"
         else:
@@ -182,9 +190,10 @@ class Engine:
 
     @classmethod
     def random(cls, config: EngineConfig, device=None, dtype=None, backend: str = "auto",
-               seed: int = 0, decoder: str = "wan") -> Engine:
+               seed: int = 0, decoder: str = "wan", *, quantize: str | None = None) -> Engine:
         """Random weights of the configured shapes: tests, demos and speed measurements."""
         _check_decoder(decoder)
+        _check_quantize(quantize)
         device, dtype = _default_device_dtype(device, dtype)
         # Seeded without disturbing the caller's global RNG state.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -194,7 +203,29 @@ class Engine:
                 vae = WanVAE(config.vae)
                 taehv = TAEHVDecoder(config.vae.z_dim) if decoder == "taehv" else None
         audio = AudioEncoder.from_config(config.audio, seed=seed)
-        return cls._assemble(config, dit, vae, audio, device, dtype, backend, taehv)
+        engine = cls._assemble(config, dit, vae, audio, device, dtype, backend, taehv)
+        if quantize:
+            engine.quantize(quantize)
+        return engine
+
+    def quantize(self, mode: str = "fp8") -> QuantizeReport:
+        """FP8 (E4M3) weights and activations for the DiT's per-token linears (runtime/models/fp8.py):
+        "fp8" scales per tensor (Live Avatar's recipe, compute capability >= 8.9), "fp8-row" per token
+        and output channel (more accurate, >= 9.0). In place, once, before the first session (captured
+        graphs would keep the old weights); engines sharing this DiT (ScheduledEngine.from_engine,
+        BatchedEngine) see it too."""
+        _check_quantize(mode)
+        if self.quantization is not None:
+            raise RuntimeError(f"the DiT is already quantized ({self.quantization.granularity} scaling)")
+        if self._session is not None:
+            raise RuntimeError("quantize before the first reset(): a session has already run on these weights")
+        granularity = _FP8_MODES[mode]
+        check_fp8_device(self.device, granularity)
+        if self.device.type == "cuda" and granularity == "row" and self.dtype != torch.bfloat16:
+            raise ValueError(f"fp8-row on CUDA gives bf16 out (rowwise kernels): build the engine in bfloat16, "
+                             f"not {self.dtype}")
+        self.quantization = quantize_dit_fp8(self.dit, granularity)
+        return self.quantization
 
     @classmethod
     def _assemble(cls, config, dit, vae, audio, device, dtype, backend, taehv=None) -> Engine:
@@ -469,6 +500,14 @@ def frames_uint8(video: torch.Tensor) -> np.ndarray:
     """Decoded video [B, 3, N, H, W] in [-1, 1] -> batch row 0 as a uint8 [N, H, W, 3] host copy."""
     frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return frames.permute(1, 2, 3, 0).cpu().numpy()
+
+
+_FP8_MODES = {"fp8": "tensor", "fp8-row": "row"}
+
+
+def _check_quantize(mode: str | None) -> None:
+    if mode is not None and mode not in _FP8_MODES:
+        raise ValueError(f"quantize must be None or one of {sorted(_FP8_MODES)}, got {mode!r}")
 
 
 def _check_decoder(decoder: str) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks owed in docs/benchmarks.md, in groups that each fit a 10-minute device call.
 #
-#   bash scripts/gpu_checks.sh OUT_DIR [install] [tests] [kernels] [e2e-512] [e2e-480] [graphs] [all]
+#   bash scripts/gpu_checks.sh OUT_DIR [install] [tests] [kernels] [e2e-512] [e2e-480] [e2e-fp8] [graphs] [all]
 #
 # Every check writes its log (and JSON where it has one) under OUT_DIR and the script goes on after a
 # failure, so one call brings back everything it got; the summary at the end says which passed.
@@ -9,7 +9,7 @@
 # scikit-build-core, and no internet): run it first on a fresh machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: gpu_checks.sh OUT_DIR [install|tests|kernels|e2e-512|e2e-480|graphs|all]...}
+out=${1:?usage: gpu_checks.sh OUT_DIR [install|tests|kernels|e2e-512|e2e-480|e2e-fp8|graphs|all]...}
 shift
 mkdir -p "$out"
 groups=("$@")
@@ -50,6 +50,10 @@ fi
 if want e2e-512; then
     check e2e-512 python -m benchmarks.cli --preset livetalk-1.3b --device cuda --dtype bfloat16 \
         --compare-upstream --json "$out/e2e-512.json"
+fi
+if want e2e-fp8; then
+    check e2e-fp8 python -m benchmarks.cli --preset livetalk-1.3b --device cuda --dtype bfloat16 \
+        --quantize fp8 --peak-tflops 1500 --json "$out/e2e-fp8.json"
 fi
 if want e2e-480; then
     check e2e-480 python -m benchmarks.cli --preset livetalk-1.3b --device cuda --dtype bfloat16 \

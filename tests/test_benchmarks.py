@@ -255,7 +255,18 @@ def test_cli_taehv_decoder_is_recorded_and_counted(tmp_path):
     assert e2e["flops_measured"] == pytest.approx(sum(block_flops(cfg, "taehv", b).total for b in (1, 2)))
 
 
+def test_cli_fp8_is_recorded(tmp_path):
+    cfg = EngineConfig.from_preset("micro")
+    out = tmp_path / "bench.json"
+    args = ["--preset", "micro", "--device", "cpu", "--quantize", "fp8-row", "--seconds",
+            str(seconds_for_blocks(cfg, 3)), "--warmup-blocks", "1", "--dit-blocks", "1", "--json", str(out)]
+    result = runner.invoke(bench_cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["settings"]["quantize"] == "fp8-row"
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--preset", "micro", "--device", "cpu", "--quantize", "int4"], "quantize must be None or one of"),
     (["--preset", "micro", "--device", "cpu", "--decoder", "tiny"], "decoder must be wan or taehv"),
     (["--preset", "nope"], "unknown preset"),
     (["--preset", "micro", "--device", "tpu"], "device must be cpu or cuda"),

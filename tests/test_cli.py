@@ -117,7 +117,7 @@ class ScriptedEngine:
 def scripted(monkeypatch):
     made = []
 
-    def create(source, device, dtype, decoder="wan", text_encoder=None, text_device=None):
+    def create(source, device, dtype, decoder="wan", text_encoder=None, text_device=None, quantize=None):
         made.append((source, device, dtype))
         engine = ScriptedEngine()
         made.append(engine)
@@ -226,3 +226,16 @@ def test_demo_end_to_end_tiny(tmp_path):
     # 1.5 s of audio covers 24 frames; the stream ends on a whole block (9 + 12k frames).
     assert n >= 24 and (n - 9) % 12 == 0
     assert "RANDOM weights" in result.output and "first-block latency" in result.output
+
+
+@pytest.mark.skipif(not _engine_available(), reason="engine not available")
+def test_demo_fp8_micro_and_bad_quantize(tmp_path):
+    out = tmp_path / "fp8.mp4"
+    result = runner.invoke(cli.app, ["demo", "--out", str(out), "--seconds", "0.6", "--preset", "micro",
+                                     "--device", "cpu", "--quantize", "fp8", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    with av.open(str(out)) as c:
+        assert len(list(c.decode(video=0))) > 0
+    result = runner.invoke(cli.app, ["demo", "--out", str(out), "--preset", "micro", "--device", "cpu",
+                                     "--quantize", "int4", "--no-progress"])
+    assert result.exit_code == 2 and "quantize" in result.output

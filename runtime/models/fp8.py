@@ -1,0 +1,135 @@
+"""FP8 (E4M3) weights and activations for the DiT's per-token linears, through `torch._scaled_mm`.
+
+The recipe is Live Avatar's (spec/liveavatar-family.md, "FP8"): each weight stored once as E4M3 with
+a scale, each activation scaled dynamically at run time, the product taken by the FP8 tensor cores
+with fp32 accumulation and bf16 (the activation dtype) out; attention stays in bf16. Two scalings:
+- `tensor`: one scale per weight and one per activation tensor (the published recipe);
+- `row`: one scale per output channel of the weight and one per token of the activation (rowwise
+  `_scaled_mm`: a token with a large activation no longer crushes the others' precision).
+The activation scale is computed on the device (amax / 448, no host sync), so CUDA-graph capture is
+unaffected. Which linears: only the per-token ones of the transformer blocks (self-attention q/k/v/o,
+cross-attention q/o, FFN): they are the 2.5 GFLOP per token of spec/performance-floor.md. Embeddings,
+the time MLPs, the head, the audio projections and cross-attention k/v (computed once per prompt) keep
+their precision.
+
+Hardware: FP8 tensor cores are compute capability 8.9+ (`tensor`) and 9.0+ (`row`: the rowwise CUTLASS
+kernels). The CPU runs `_scaled_mm` too (slowly), which is how the tests check the numerics here.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max          # 448
+_TINY = 1e-12                              # scale floor: an all-zero tensor must not divide by zero
+GRANULARITIES = ("tensor", "row")
+# the per-token linears of each transformer block
+HOT_LINEARS = re.compile(r"blocks\.\d+\.(self_attn\.(q|k|v|o)|cross_attn\.(q|o)|ffn\.(0|2))")
+MIN_CAPABILITY = {"tensor": (8, 9), "row": (9, 0)}
+
+
+def _scale(amax: torch.Tensor) -> torch.Tensor:
+    return (amax.float() / E4M3_MAX).clamp(min=_TINY)
+
+
+def quantize_e4m3(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (E4M3 [M, K], fp32 scale: [] for `tensor`, [M, 1] for `row`), x ~ q * scale."""
+    if granularity == "tensor":
+        scale = _scale(x.abs().amax())
+    else:
+        scale = _scale(x.abs().amax(dim=1, keepdim=True))
+    q = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return q, scale
+
+
+class Fp8Linear(nn.Module):
+    """A frozen nn.Linear with an E4M3 weight; forward quantizes its input and calls `_scaled_mm`."""
+
+    def __init__(self, linear: nn.Linear, granularity: str = "tensor"):
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        out_f, in_f = linear.weight.shape
+        if in_f % 16 or out_f % 16:
+            raise ValueError(f"FP8 matmuls need in/out features that are multiples of 16, got {in_f} -> {out_f}")
+        self.in_features, self.out_features, self.granularity = in_f, out_f, granularity
+        w8, w_scale = quantize_e4m3(linear.weight.detach(), granularity)
+        self.register_buffer("weight_fp8", w8)
+        # _scaled_mm wants scale_b shaped like the [K, N] operand's columns: [] or [1, N]
+        self.register_buffer("weight_scale", w_scale if granularity == "tensor" else w_scale.t().contiguous())
+        bias = linear.bias.detach().clone() if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        x8, x_scale = quantize_e4m3(x2, self.granularity)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        fused_bias = bias if self.granularity == "tensor" else None  # rowwise kernels: bias added after
+        out = torch._scaled_mm(x8, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
+                               bias=fused_bias, out_dtype=x.dtype)
+        if bias is not None and fused_bias is None:
+            out = out + bias
+        return out.reshape(*lead, self.out_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight the FP8 product uses, in fp32 (for references and error reports)."""
+        scale = self.weight_scale if self.granularity == "tensor" else self.weight_scale.t()
+        return self.weight_fp8.float() * scale
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, e4m3, {self.granularity} scaling"
+
+
+@dataclass
+class QuantizeReport:
+    granularity: str
+    converted: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)      # linears left in their dtype (not per-token)
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+
+def check_fp8_device(device: torch.device, granularity: str) -> None:
+    """FP8 tensor cores by compute capability (never by GPU name); the CPU runs `_scaled_mm` too."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        need = MIN_CAPABILITY[granularity]
+        if cap < need:
+            raise RuntimeError(f"FP8 `{granularity}` matmuls need compute capability >= {need[0]}.{need[1]}; "
+                               f"{device} is {cap[0]}.{cap[1]}")
+    elif device.type != "cpu":
+        raise RuntimeError(f"FP8 matmuls run on CUDA (or, slowly, the CPU), not on {device}")
+
+
+def quantize_dit_fp8(dit: nn.Module, granularity: str = "tensor") -> QuantizeReport:
+    """Swap the DiT's per-token linears (`HOT_LINEARS`) for Fp8Linear, in place."""
+    report = QuantizeReport(granularity)
+    for name, module in list(dit.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        if not HOT_LINEARS.fullmatch(name):
+            report.kept.append(name)
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = dit.get_submodule(parent_name)
+        fp8 = Fp8Linear(module, granularity)
+        report.bytes_before += module.weight.numel() * module.weight.element_size()
+        report.bytes_after += fp8.weight_fp8.numel() + fp8.weight_scale.numel() * 4
+        setattr(parent, child, fp8)
+        report.converted.append(name)
+    if not report.converted:
+        raise ValueError("no per-token linear found to quantize: is this the audio DiT?")
+    log.info("FP8 (%s scaling): %d linears converted, %.1f -> %.1f MB of weights; %d kept in %s",
+             granularity, len(report.converted), report.bytes_before / 2**20, report.bytes_after / 2**20,
+             len(report.kept), next(dit.parameters()).dtype)
+    return report
