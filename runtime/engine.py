@@ -134,7 +134,7 @@ class Engine:
         `quantize`: "fp8" or "fp8-row" (see `quantize`), None keeps the DiT in `dtype`.
         """
         _check_decoder(decoder)
-        _check_quantize(quantize)
+        check_quantize(quantize)
         if path_or_preset in PRESETS and not Path(path_or_preset).exists():
             if text_encoder:
                 raise ValueError(f"preset {path_or_preset!r} has random weights and no text encoder; attach one "
@@ -193,7 +193,7 @@ class Engine:
                seed: int = 0, decoder: str = "wan", *, quantize: str | None = None) -> Engine:
         """Random weights of the configured shapes: tests, demos and speed measurements."""
         _check_decoder(decoder)
-        _check_quantize(quantize)
+        check_quantize(quantize)
         device, dtype = _default_device_dtype(device, dtype)
         # Seeded without disturbing the caller's global RNG state.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -214,7 +214,7 @@ class Engine:
         and output channel (more accurate, >= 9.0). In place, once, before the first session (captured
         graphs would keep the old weights); engines sharing this DiT (ScheduledEngine.from_engine,
         BatchedEngine) see it too."""
-        _check_quantize(mode)
+        check_quantize(mode)
         if self.quantization is not None:
             raise RuntimeError(f"the DiT is already quantized ({self.quantization.granularity} scaling)")
         if self._session is not None:
@@ -505,7 +505,7 @@ def frames_uint8(video: torch.Tensor) -> np.ndarray:
 _FP8_MODES = {"fp8": "tensor", "fp8-row": "row"}
 
 
-def _check_quantize(mode: str | None) -> None:
+def check_quantize(mode: str | None) -> None:
     if mode is not None and mode not in _FP8_MODES:
         raise ValueError(f"quantize must be None or one of {sorted(_FP8_MODES)}, got {mode!r}")
 

@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 
 from .config import PRESETS, EngineConfig
-from .engine import BlockWork, Engine, VideoBlock, frames_uint8
+from .engine import BlockWork, Engine, VideoBlock, check_quantize, frames_uint8
 from .sampler import BlockInputs
 from .session import plan_block
 
@@ -741,6 +741,7 @@ class _Job:
     stage_sleep_s: dict[str, float] = field(default_factory=dict)
     comm_timeout_s: float = 120.0
     threads: int = 1
+    quantize: str | None = None        # Engine.quantize mode, applied on every rank before any session
 
 
 def _config_of(model: str | EngineConfig) -> EngineConfig:
@@ -760,6 +761,8 @@ def _build_engines(job: _Job, device: torch.device, count: int) -> list[_FrontEn
         # Streams carry prompt embeddings, never text: no rank needs the 11 GB text encoder.
         base = _FrontEngine.from_pretrained(job.model, device, dtype, job.ops_backend, job.weights_seed,
                                             text_encoder=False)
+    if job.quantize:
+        base.quantize(job.quantize)          # deterministic from the weights: the same on every rank
     more = [_FrontEngine(base.config, base.dit, base.vae, base.audio_encoder, device=base.device, dtype=base.dtype,
                          backend=job.ops_backend) for _ in range(count - 1)]
     return [base, *more]
@@ -978,14 +981,14 @@ def run_pipeline_streams(model: str | EngineConfig, world_size: int, streams: Se
                          weights_seed: int = 0, timeout_s: float = 600.0, comm_timeout_s: float = 120.0,
                          threads_per_rank: int = 1, fail_at: str | FailSpec | None = None,
                          stage_sleep_s: dict[str, float] | None = None,
-                         start_method: str = "forkserver") -> PipelineRun:
+                         start_method: str = "forkserver", quantize: str | None = None) -> PipelineRun:
     """Run streams through a `world_size`-process pipeline on this machine; blocks come back per stream.
 
     model: a preset name (seeded random weights), a LiveTalk release directory, or an EngineConfig.
     fail_at (a FailSpec or "RANK:STAGE[:BLOCK[:SESSION]]", else $RUNTIME_PIPELINE_FAIL) and stage_sleep_s
     (stage -> seconds) are test hooks. start_method "forkserver" imports the runtime once per driver
     process and forks ranks from it (seconds saved per rank and run); "spawn" starts every rank from
-    scratch.
+    scratch. `quantize` ("fp8", "fp8-row") is applied to the DiT on every rank (Engine.quantize).
 
     A stage failure of one session fails only that session: the run goes on, and `errors[session]` is a
     PipelineError naming its rank, role, stage and block (`blocks[session]` keeps the blocks decoded
@@ -1000,8 +1003,9 @@ def run_pipeline_streams(model: str | EngineConfig, world_size: int, streams: Se
         spec.check(layout, len(streams))
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    check_quantize(quantize)
     job = _Job(model, world_size, _check_streams(cfg, streams), dtype, ops_backend, weights_seed,
-               str(spec) if spec else None, dict(stage_sleep_s or {}), comm_timeout_s, threads_per_rank)
+               str(spec) if spec else None, dict(stage_sleep_s or {}), comm_timeout_s, threads_per_rank, quantize)
     root = Path(tempfile.mkdtemp(prefix="pipeline-"))
     ctx = _process_context(start_method)
     procs = [ctx.Process(target=_spawned_rank, args=(r, job, str(root), backend), daemon=True,
@@ -1099,6 +1103,7 @@ def _parse_args(argv):
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--out", type=Path, default=Path("pipeline.mp4"))
     p.add_argument("--comm-timeout", type=float, default=300.0)
+    p.add_argument("--quantize", default=None, choices=["fp8", "fp8-row"], help="FP8 DiT linears on every rank")
     return p.parse_args(argv)
 
 
@@ -1126,7 +1131,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     image = args.image if args.image else synthetic_face(cfg.height, cfg.width)
     streams = _check_streams(cfg, [StreamSpec(np.asarray(audio, np.float32), image, args.seed + i)
                                    for i in range(args.streams)])
-    job = _Job(args.model, world, streams, args.dtype, comm_timeout_s=args.comm_timeout, threads=torch.get_num_threads())
+    job = _Job(args.model, world, streams, args.dtype, comm_timeout_s=args.comm_timeout, threads=torch.get_num_threads(),
+               quantize=args.quantize)
     sink = _Mp4Sink(cfg, args.out, len(streams)) if rank == world - 1 else None
     try:
         serve_rank(rank, job, device, sink, meta)

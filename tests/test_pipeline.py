@@ -56,9 +56,9 @@ def speech(seconds, seed):
     return synth_speech_like(seconds, sample_rate=SR, seed=seed).astype(np.float32)
 
 
-def reference(config, audio, img, seed):
+def reference(config, audio, img, seed, quantize=None):
     """The one-process engine on the same weights (weights seed 0), audio and noise seed."""
-    engine = Engine.random(config, "cpu", torch.float32, seed=0)
+    engine = Engine.random(config, "cpu", torch.float32, seed=0, quantize=quantize)
     engine.reset(img, seed=seed)
     return engine.step(audio) + engine.flush()
 
@@ -143,6 +143,16 @@ def test_single_stream_equals_engine(config, one_thread, world):
     # Every step rank refreshed every block but the last, itself.
     refreshed = {(e.rank, e.block) for e in run.trace if e.stage == "refresh"}
     assert refreshed == {(r, b) for r in range(world - 1) for b in range(len(want) - 1)}
+
+
+def test_fp8_pipeline_equals_fp8_engine(config, one_thread):
+    """Every rank quantizes the same weights the same way: bitwise the one-process FP8 engine."""
+    audio, img = speech(1.6, seed=6), image(6)
+    want = reference(config, audio, img, seed=4, quantize="fp8")
+    run = run_pipeline_streams(PRESET, 2, [StreamSpec(audio, img, seed=4)], timeout_s=240, quantize="fp8")
+    assert_same_blocks(run.blocks[0], want)
+    with pytest.raises(ValueError, match="quantize"):
+        run_pipeline_streams(PRESET, 2, [StreamSpec(audio, img)], quantize="int8")
 
 
 def test_run_pipeline_returns_the_blocks(config, one_thread):
