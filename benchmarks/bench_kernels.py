@@ -4,7 +4,7 @@ Run:  .venv/bin/python -m pytest -q benchmarks/bench_kernels.py -s --benchmark-e
  or:  .venv/bin/python benchmarks/bench_kernels.py            (prints one JSON object)
 
 Shape: one 3-frame block of 32 x 32 tokens (Lq 3072) against a full 15-slot ring (Lk 15360),
-12 heads x 128, bf16, batch 1. The Triton kernel gets the ring as its KV write stores it (keys with
+12 heads x 128, bf16, batch 1; the script also measures 480x832 (30 x 52 tokens: Lq 4680, Lk 23400). The Triton kernel gets the ring as its KV write stores it (keys with
 their height/width rotation) and is checked against SDPA on fully rotated q/k before it is timed. Attention TFLOP/s = 4 * Lq * Lk * H * D / t. Baselines run on
 q and k already rotated (their RoPE is not timed, which favours them): torch SDPA with its flash
 and cuDNN backends, and flash-attn when importable. The sdpa *backend* of kernels/backends.py
@@ -75,8 +75,12 @@ def copy_bandwidth_gbs() -> float:
     return 2 * src.numel() / (ms * 1e-3) / 1e9
 
 
-def attention_tflops(ms: float) -> float:
-    return 4 * LQ * LK * H * D / (ms * 1e-3) / 1e12
+GRID_480x832 = (30, 52)     # 1560 tokens a frame: the partial last key tile is exercised too
+
+
+def attention_tflops(ms: float, grid: tuple[int, int] = GRID) -> float:
+    tokens = grid[0] * grid[1]
+    return 4 * (FQ * tokens) * (S * tokens) * H * D / (ms * 1e-3) / 1e12
 
 
 def _device_info() -> dict:
@@ -87,20 +91,21 @@ def _device_info() -> dict:
 # --------------------------------------------------------------------------------------------------
 # Attention
 # --------------------------------------------------------------------------------------------------
-def attention_inputs():
+def attention_inputs(grid: tuple[int, int] = GRID):
     from kernels.rope import apply_rope, rope_angles, rotate_spatial
+    tokens = grid[0] * grid[1]
     g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(B, LQ, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(B, LK, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(B, LK, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    q = torch.randn(B, FQ * tokens, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, S * tokens, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, S * tokens, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
     # block 10 in absolute mode: sink slots keep -30..-22, the rolling slots wrap around
     slot_pos = torch.tensor([[-30, -29, -28, -27, -26, -25, -24, -23, -22, 0, 1, 2, -3, -2, -1]],
                             dtype=torch.int32, device="cuda")
     q_pos = torch.tensor([[0, 1, 2]], dtype=torch.int32, device="cuda")
-    q_rot = apply_rope(q, rope_angles(q_pos, *GRID, D)).to(torch.bfloat16)
-    k_rot = apply_rope(k, rope_angles(slot_pos, *GRID, D)).to(torch.bfloat16)
+    q_rot = apply_rope(q, rope_angles(q_pos, *grid, D)).to(torch.bfloat16)
+    k_rot = apply_rope(k, rope_angles(slot_pos, *grid, D)).to(torch.bfloat16)
     # the Triton kernel reads the ring as its KV write stores it: keys with their height/width rotation
-    k_spatial = rotate_spatial(k, *GRID).to(torch.bfloat16)
+    k_spatial = rotate_spatial(k, *grid).to(torch.bfloat16)
     return q, k_spatial, v, slot_pos, q_pos, q_rot, k_rot
 
 
@@ -114,22 +119,23 @@ def _sdpa_runner(q_rot, k_rot, v, backend):
     return run
 
 
-def measure_attention() -> dict:
+def measure_attention(grid: tuple[int, int] = GRID) -> dict:
     from torch.nn.attention import SDPBackend
 
     from kernels.backends import _flash_attn_module, window_attention_sdpa
     from kernels.window_attention import window_attention_triton
-    q, k, v, slot_pos, q_pos, q_rot, k_rot = attention_inputs()
-    out = window_attention_triton(q, k, v, slot_pos, q_pos, *GRID)
+    q, k, v, slot_pos, q_pos, q_rot, k_rot = attention_inputs(grid)
+    out = window_attention_triton(q, k, v, slot_pos, q_pos, *grid)
     reference = F.scaled_dot_product_attention(q_rot.transpose(1, 2), k_rot.transpose(1, 2),
                                                v.transpose(1, 2)).transpose(1, 2)
     max_err = (out.float() - reference.float()).abs().max().item()
     # a wrong kernel is never timed as a result (bf16 tolerance of tests/test_kernels_window_attention)
     torch.testing.assert_close(out.float(), reference.float(), atol=4e-2, rtol=4e-2)
-    results = {"shape": {"B": B, "Lq": LQ, "Lk": LK, "H": H, "D": D, "dtype": "bf16"},
+    results = {"shape": {"B": B, "grid": list(grid), "Lq": q.shape[1], "Lk": k.shape[1], "H": H, "D": D,
+                         "dtype": "bf16"},
                "triton_vs_sdpa_max_abs_err": max_err, **_device_info()}
-    runners = {"triton": lambda: window_attention_triton(q, k, v, slot_pos, q_pos, *GRID, out=out),
-               "sdpa_backend_with_rope": lambda: window_attention_sdpa(q, k, v, slot_pos, q_pos, *GRID)}
+    runners = {"triton": lambda: window_attention_triton(q, k, v, slot_pos, q_pos, *grid, out=out),
+               "sdpa_backend_with_rope": lambda: window_attention_sdpa(q, k, v, slot_pos, q_pos, *grid)}
     for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION),
                           ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
         runner = _sdpa_runner(q_rot, k_rot, v, backend)
@@ -144,7 +150,7 @@ def measure_attention() -> dict:
     for name, run in runners.items():
         ms = median_ms(run)
         results[f"{name}_ms"] = ms
-        results[f"{name}_tflops"] = attention_tflops(ms)
+        results[f"{name}_tflops"] = attention_tflops(ms, grid)
     results["meets_target"] = results["triton_tflops"] >= TARGET_TFLOPS
     baselines = [results[f"{n}_tflops"] for n in ("sdpa_flash", "sdpa_cudnn") if f"{n}_tflops" in results]
     results["not_slower_than_sdpa"] = all(results["triton_tflops"] >= b for b in baselines)
@@ -184,7 +190,8 @@ def _kv_write_call():
     v_ring = torch.zeros_like(k_ring)
     slots = torch.tensor([[12, 13, 14]], dtype=torch.int32, device="cuda")
     out = torch.empty(B, LQ, H, D, device="cuda", dtype=torch.bfloat16)
-    return lambda: qk_norm_kv_write_triton(q, k, v, q_w, k_w, 1e-6, k_ring, v_ring, slots, out=out)
+    # with the spatial RoPE the engine's Triton ops use (its [T, D/2] cos/sin table stays in L2)
+    return lambda: qk_norm_kv_write_triton(q, k, v, q_w, k_w, 1e-6, k_ring, v_ring, slots, rope_grid=GRID, out=out)
 
 
 def _norm_inputs():
@@ -274,6 +281,7 @@ def main() -> None:
         raise SystemExit("bench_kernels: needs a CUDA GPU")
     copy_gbs = copy_bandwidth_gbs()
     report = {"copy_bandwidth_gbs": copy_gbs, "attention": measure_attention(),
+              "attention_480x832": measure_attention(GRID_480x832),
               "attention_sweep": measure_attention_sweep(), "kv_write": measure_kv_write(copy_gbs),
               "norm_modulate": measure_norm_modulate(copy_gbs)}
     print(json.dumps(report, indent=1))
