@@ -5,6 +5,7 @@
 #
 # Every check writes its log (and JSON where it has one) under OUT_DIR and the script goes on after a
 # failure, so one call brings back everything it got; the summary at the end says which passed.
+# A check that hangs is stopped after $CHECK_TIMEOUT seconds (default 540: inside one 10-minute call).
 # `install` builds the project in place (the device image has torch, triton, cmake, pybind11 and
 # scikit-build-core, and no internet): run it first on a fresh machine.
 set -uo pipefail
@@ -17,10 +18,10 @@ groups=("$@")
 export PYTHONUNBUFFERED=1
 summary=()
 
-check() {  # check NAME COMMAND...: run, log to OUT/NAME.log, record pass/fail
+check() {  # check NAME COMMAND...: run (at most $CHECK_TIMEOUT s), log to OUT/NAME.log, record pass/fail
     local name=$1; shift
     local start=$SECONDS
-    "$@" >"$out/$name.log" 2>&1
+    timeout "${CHECK_TIMEOUT:-540}" "$@" >"$out/$name.log" 2>&1
     local rc=$?
     summary+=("$(printf '%-14s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - start))")")
     tail -n 25 "$out/$name.log"
