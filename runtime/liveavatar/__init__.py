@@ -1,0 +1,20 @@
+"""Model family 2: Live Avatar (Wan2.2-S2V-14B trunk + the liveavatar.safetensors LoRA). See docs/liveavatar.md."""
+from .config import PRESETS, LiveAvatarConfig, LoraConfig
+from .loading import check_index, load_liveavatar, release_index
+from .model import AudioTokens, Condition, LiveAvatarDiT, TimeMod, build_liveavatar
+from .random_weights import randomize_weights
+
+__all__ = [
+    "PRESETS",
+    "AudioTokens",
+    "Condition",
+    "LiveAvatarConfig",
+    "LiveAvatarDiT",
+    "LoraConfig",
+    "TimeMod",
+    "build_liveavatar",
+    "check_index",
+    "load_liveavatar",
+    "randomize_weights",
+    "release_index",
+]
