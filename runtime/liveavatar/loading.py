@@ -76,7 +76,7 @@ def read_layout(files: list[Path], weight_map: dict[str, str] | None = None) -> 
     twice, misplaced = [], []
     for path in files:
         with safe_open(str(path), framework="pt") as f:
-            for key in f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 if key in layout:
                     twice.append(f"{key} ({path.name})")
                 if weight_map is not None and weight_map.get(key) != path.name:
@@ -137,7 +137,8 @@ def load_liveavatar(trunk: str | Path | Sequence[str | Path], lora_path: str | P
         check_release_config(config_json, cfg)
     model = build_liveavatar(cfg, device="meta")
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    check_shapes(expected, read_layout(files, weight_map), WHAT)
+    headers = {k: torch.empty(shape, device="meta") for k, shape in read_layout(files, weight_map).items()}
+    check_shapes(expected, headers, WHAT)
     state = _read_tensors(files)
     if lora_path is not None:
         merge_lora(state, parse_lora(read_lora(lora_path)), lora or cfg.lora)
