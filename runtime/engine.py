@@ -367,13 +367,39 @@ class Engine:
     def flush(self) -> list[VideoBlock]:
         """Pad with silence so every pushed sample is covered by a block, emit the rest, end the stream."""
         s = self._require_session()
+        blocks = self._cover_pushed_audio(s)
+        s.flushed = True
+        return blocks
+
+    def end_segment(self) -> list[VideoBlock]:
+        """End of an utterance (LiveKit's AudioSegmentEnd): like `flush`, every pushed sample is covered
+        by a block now (silence fills the last one), but the stream goes on. The silence queued past
+        the last block is dropped, so the next speech starts exactly at the next block boundary."""
+        s = self._require_session()
+        blocks = self._cover_pushed_audio(s)
+        s.resampler = None   # flushed: the next segment starts a fresh delay line
+        s.audio.truncate(self.config.first_video_frame(s.block) * self.config.samples_per_video_frame)
+        return blocks
+
+    def _cover_pushed_audio(self, s: _Session) -> list[VideoBlock]:
         blocks = self._feed(s, s.resampler.flush()) if s.resampler is not None else []
         last = last_block_to_flush(self.config, s.block, s.audio.total_samples)
         if last is not None:
             pad = samples_to_run(self.config, last) - s.audio.total_samples
             blocks += self._feed(s, np.zeros(max(0, pad), np.float32))
-        s.flushed = True
         return blocks
+
+    @property
+    def next_block(self) -> int:
+        """Index of the next block the session will generate."""
+        return self._require_session().block
+
+    @property
+    def pending_samples(self) -> int:
+        """Pushed samples (at the model rate) not yet inside a generated block."""
+        s = self._require_session()
+        covered = self.config.first_video_frame(s.block) * self.config.samples_per_video_frame
+        return max(0, s.audio.total_samples - covered)
 
     def interrupt(self) -> int:
         """Barge-in: drop audio pushed but not yet turned into a block; the stream goes on from there.

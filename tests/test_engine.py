@@ -204,3 +204,35 @@ def test_other_rates_need_explicit_resampling(engine, image, speech):
     engine.step(audio24[:4800], sample_rate=24000, resample=True)
     with pytest.raises(ValueError, match="changed mid-stream"):
         engine.step(audio24[:4410], sample_rate=22050, resample=True)
+
+
+def test_end_segment_covers_the_utterance_and_the_stream_goes_on(engine, image, speech):
+    cfg = engine.config
+    spf = cfg.samples_per_video_frame
+    engine.reset(image, seed=5)
+    first = engine.step(speech[:15000])                    # block 0 ready, block 1 partly pushed
+    assert engine.next_block == 1 and engine.pending_samples == 15000 - cfg.video_frames_in_block(0) * spf
+    tail = engine.end_segment()
+    # every pushed sample is now inside a block; what follows the speech in that block is silence
+    assert [b.index for b in tail] == [1] and engine.pending_samples == 0 and engine.next_block == 2
+    covered = np.concatenate([b.audio for b in first + tail])
+    np.testing.assert_array_equal(covered[:15000], speech[:15000])
+    assert not covered[15000:].any()
+    assert engine.end_segment() == []                       # nothing pending: nothing to do
+    # the next utterance starts exactly at block 2's first frame (no queued silence before it)
+    nxt = engine.step(speech[20000:40000])
+    assert [b.index for b in nxt][:1] == [2]
+    assert nxt[0].first_frame == cfg.first_video_frame(2)
+    np.testing.assert_array_equal(nxt[0].audio, speech[20000:20000 + nxt[0].num_frames * spf])
+
+
+def test_end_segment_flushes_the_resampler(engine, image, speech):
+    import soxr
+
+    audio24 = soxr.resample(speech[:16000], SR, 24000).clip(-1, 1).astype(np.float32)
+    engine.reset(image, seed=6)
+    engine.step(audio24, sample_rate=24000, resample=True)
+    engine.end_segment()
+    assert engine.pending_samples == 0
+    # a fresh delay line: another rate is fine after the segment ended
+    engine.step(audio24[:4410], sample_rate=22050, resample=True)
