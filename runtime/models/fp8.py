@@ -111,24 +111,26 @@ def check_fp8_device(device: torch.device, granularity: str) -> None:
         raise RuntimeError(f"FP8 matmuls run on CUDA (or, slowly, the CPU), not on {device}")
 
 
-def quantize_dit_fp8(dit: nn.Module, granularity: str = "tensor") -> QuantizeReport:
-    """Swap the DiT's per-token linears (`HOT_LINEARS`) for Fp8Linear, in place."""
+def quantize_dit_fp8(dit: nn.Module, granularity: str = "tensor", include: re.Pattern = HOT_LINEARS,
+                     exclude: re.Pattern | None = None) -> QuantizeReport:
+    """Swap the linears whose qualified names fully match `include` (and not `exclude`) for Fp8Linear,
+    in place. The default selects family 1's per-token linears (`HOT_LINEARS`)."""
     report = QuantizeReport(granularity)
     for name, module in list(dit.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
-        if not HOT_LINEARS.fullmatch(name):
+        if not include.fullmatch(name) or (exclude is not None and exclude.fullmatch(name)):
             report.kept.append(name)
             continue
         parent_name, _, child = name.rpartition(".")
-        parent = dit.get_submodule(parent_name)
+        parent = dit.get_submodule(parent_name) if parent_name else dit
         fp8 = Fp8Linear(module, granularity)
         report.bytes_before += module.weight.numel() * module.weight.element_size()
         report.bytes_after += fp8.weight_fp8.numel() + fp8.weight_scale.numel() * 4
         setattr(parent, child, fp8)
         report.converted.append(name)
     if not report.converted:
-        raise ValueError("no per-token linear found to quantize: is this the audio DiT?")
+        raise ValueError(f"no linear matches {include.pattern!r}: nothing to quantize")
     log.info("FP8 (%s scaling): %d linears converted, %.1f -> %.1f MB of weights; %d kept in %s",
              granularity, len(report.converted), report.bytes_before / 2**20, report.bytes_after / 2**20,
              len(report.kept), next(dit.parameters()).dtype)
