@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from kernels.rope import rope_split
+
 
 def _require(cond: bool, msg: str) -> None:
     if not cond:
@@ -52,9 +54,7 @@ class DiTConfig:
     @property
     def rope_split(self) -> tuple[int, int, int]:
         """(frame, height, width) parts of head_dim, as Wan: 44/42/42 for head_dim 128."""
-        d = self.head_dim
-        hw = 2 * (d // 6)
-        return d - 2 * hw, hw, hw
+        return rope_split(self.head_dim)
 
     @property
     def audio_layers(self) -> tuple[int, ...]:
