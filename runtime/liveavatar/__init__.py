@@ -3,6 +3,7 @@ from .config import PRESETS, LiveAvatarConfig, LoraConfig
 from .loading import check_index, load_liveavatar, release_index
 from .model import AudioTokens, Condition, LiveAvatarDiT, TimeMod, build_liveavatar
 from .random_weights import randomize_weights
+from .stream import LiveAvatarStream, StreamSettings
 
 __all__ = [
     "PRESETS",
@@ -10,7 +11,9 @@ __all__ = [
     "Condition",
     "LiveAvatarConfig",
     "LiveAvatarDiT",
+    "LiveAvatarStream",
     "LoraConfig",
+    "StreamSettings",
     "TimeMod",
     "build_liveavatar",
     "check_index",

@@ -19,9 +19,13 @@ def layer_norm(x: torch.Tensor, eps: float, weight=None, bias=None) -> torch.Ten
     return F.layer_norm(x.float(), x.shape[-1:], w, b, eps)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Full (unmasked) attention, q [B, Lq, H, D] over k/v [B, Lk, H, D] -> [B, Lq, H, D]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of q [B, Lq, H, D] over k/v [B, Lk, H, D] -> [B, Lq, H, D].
+
+    key_mask: [Lk] bool, False for keys no query may see (empty KV-ring slots: static shapes).
+    """
+    mask = None if key_mask is None else key_mask.view(1, 1, 1, -1)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
 
 

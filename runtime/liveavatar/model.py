@@ -11,13 +11,15 @@ not Wan2.2's offline S2V forward:
   index can move later: the rolling sink), and gets the audio injected after the listed blocks.
 That is the attention pattern Live Avatar was distilled with (its training block mask: condition
 queries see only condition keys; noisy queries see their block, earlier blocks and the condition).
-Earlier blocks' keys (the per-step KV ring) are the streaming engine's business: `_block_pass`
-takes the extra keys/values to attend to as an argument, so a ring slots in without touching it.
+Earlier blocks' keys (the per-step KV ring) come in through `forward_block(history=...)`: the ring
+stores each layer's un-roped keys and hands back what the block attends to (kv_ring.py, stream.py).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -98,6 +100,18 @@ class Condition:
     positions: Positions        # RoPE indices, reference frame at ref_rope_frame
     is_reference: np.ndarray    # [Lc] bool: tokens whose frame index follows the rolling sink
     token_hw: tuple[int, int]
+
+
+class History(Protocol):
+    """One denoising step's KV ring as `forward_block` sees it (runtime/liveavatar/kv_ring.py).
+
+    Called once per layer with the block's un-roped keys/values [B, L, H, D]: stores them, and returns
+    every key (roped, relative to the call's origin) and value the block's queries attend to besides
+    the condition (its own included), with a [Lk] bool mask of the valid ones.
+    """
+
+    def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
 class LiveAvatarDiT(nn.Module):
@@ -198,25 +212,32 @@ class LiveAvatarDiT(nn.Module):
     def forward_block(self, x: torch.Tensor, mod: TimeMod, audio: AudioTokens,
                       text_kv: list[tuple[torch.Tensor, torch.Tensor]], cond: Condition,
                       first_frame: int = 0, ref_frame: int | None = None,
-                      pose_latents: torch.Tensor | None = None) -> torch.Tensor:
+                      pose_latents: torch.Tensor | None = None,
+                      history: History | None = None, origin: int = 0) -> torch.Tensor:
         """x [B, C, F, h, w] noisy latents -> velocity [B, C, F, h, w] (model dtype).
 
         first_frame: temporal RoPE index of the block's first frame (its place in the stream).
         ref_frame: temporal RoPE index the reference tokens are read at (default ref_rope_frame).
         pose_latents: [B, C, F, h, w] or None (no pose video: cond_encoder of zeros = its bias).
+        history: the KV ring of this denoising step (see `History`), or None for a block with no past.
+        origin: subtracted from every temporal index before roping. RoPE scores depend only on index
+        differences, so a stream passes origin = first_frame and its angles stay small forever.
         """
         nf, lh, lw = x.shape[2:]
         token_hw = (lh // self.cfg.patch_size[1], lw // self.cfg.patch_size[2])
         self._check_block_inputs(x, mod, audio, cond, token_hw)
         h = self._embed_noisy(x, pose_latents)
         split, theta = self.cfg.rope_split, self.cfg.rope_theta
-        rope = Rope.of(noisy_positions(first_frame, nf, token_hw), split, theta, h.device)
+        rope = Rope.of(noisy_positions(first_frame - origin, nf, token_hw), split, theta, h.device)
         offset = (self.cfg.ref_rope_frame if ref_frame is None else ref_frame) - self.cfg.ref_rope_frame
-        cond_rope = Rope.of(cond.positions.shift_frames(cond.is_reference, offset), split, theta, h.device)
+        cond_pos = cond.positions.shift_frames(cond.is_reference, offset)
+        cond_pos = cond_pos.shift_frames(np.ones(len(cond_pos), dtype=bool), -origin)
+        cond_rope = Rope.of(cond_pos, split, theta, h.device)
         inject = {layer: j for j, layer in enumerate(self.cfg.audio_inject_layers)}
         for i, blk in enumerate(self.blocks):
             context = (apply_rope(cond.keys[i], cond_rope), cond.values[i])
-            h, _, _ = self._block_pass(blk, h, mod.noisy, text_kv[i], rope, context)
+            own = None if history is None else partial(history, i)
+            h, _, _ = self._block_pass(blk, h, mod.noisy, text_kv[i], rope, context, own)
             if i in inject:
                 h = h + self.audio_injector(inject[i], h, audio.global_, audio.local)
         return self._head(h, mod.head, nf, token_hw)
@@ -256,16 +277,19 @@ class LiveAvatarDiT(nn.Module):
             h = h + self._patch_tokens(self.cond_encoder, pose_latents)
         return h + self.trainable_cond_mask.weight[COND_NOISY]
 
-    def _block_pass(self, blk: Block, h: torch.Tensor, mod: torch.Tensor, text_kv, rope: Rope, context):
+    def _block_pass(self, blk: Block, h: torch.Tensor, mod: torch.Tensor, text_kv, rope: Rope, context,
+                    history=None):
         """One transformer block over tokens h [B, L, dim] in G = mod.shape[1] equal groups (frames).
 
         context: (roped keys, values) attended to besides the tokens' own, or None.
+        history: None (the tokens see their own keys) or a callable (k, v) -> (keys, values, key_mask)
+        that stores this layer's un-roped k/v and returns what the tokens see instead of their own keys.
         Returns (h, this sequence's un-roped keys, values). Residual in fp32 inside, model dtype out.
         """
         dtype, eps = h.dtype, self.cfg.eps
         shift1, scale1, gate1, shift2, scale2, gate2 = (blk.modulation.float()[:, None] + mod).unbind(2)
         x = _modulate(layer_norm(h, eps).to(dtype).float(), shift1, scale1).to(dtype)
-        y, k, v = self._self_attention(blk.self_attn, x, rope, context)
+        y, k, v = self._self_attention(blk.self_attn, x, rope, context, history)
         h = h.float() + _gate(y, gate1)
         normed = layer_norm(h.to(dtype), eps, blk.norm3.weight, blk.norm3.bias).to(dtype)
         h = h + blk.cross_attn.cross(normed, *text_kv).float()
@@ -274,13 +298,18 @@ class LiveAvatarDiT(nn.Module):
         return h.to(dtype), k, v
 
     @staticmethod
-    def _self_attention(attn: Attention, x: torch.Tensor, rope: Rope, context):
+    def _self_attention(attn: Attention, x: torch.Tensor, rope: Rope, context, history=None):
         q = apply_rope(attn.query(x), rope)
         k, v = attn.key_value(x)
-        keys, values = apply_rope(k, rope), v
+        if history is None:
+            keys, values, mask = apply_rope(k, rope), v, None
+        else:
+            keys, values, mask = history(k, v)
         if context is not None:
             keys, values = torch.cat([keys, context[0]], dim=1), torch.cat([values, context[1]], dim=1)
-        return attn.output(attend(q, keys, values)), k, v
+            if mask is not None:  # the condition keys are always visible
+                mask = torch.cat([mask, mask.new_ones(context[0].shape[1])])
+        return attn.output(attend(q, keys, values, mask)), k, v
 
     def _head(self, h: torch.Tensor, e: torch.Tensor, nf: int, token_hw: tuple[int, int]) -> torch.Tensor:
         """CausalHead_S2V: per-frame shift/scale from time_embedding(t), product in fp32, then unpatchify."""

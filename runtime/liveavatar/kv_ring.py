@@ -1,0 +1,94 @@
+"""One denoising step's KV cache: a fixed ring of latent frames holding un-roped keys and values.
+
+Live Avatar keeps one cache per denoising step, written by that step's forward on the still-noisy
+latents (no clean re-run). Each is a ring of `ring_frames` = 12 latent frames: the current block and
+the 3 before it.
+
+Layout: k, v [layers, B, slots, T, H, D] with slots = ring_frames and T tokens per latent frame,
+allocated once. The k-th block of a stream (k counted from the stream's first block) writes its F
+frames to slots (k * F) mod slots .. + F - 1: the oldest block is overwritten in place, so eviction is
+slot arithmetic and nothing moves. `slot_frame` (host) is the absolute frame index each slot holds,
+-1 while empty; empty slots stay in the attention with a False key mask, so shapes never change.
+
+Keys are stored un-roped and roped when read, at index slot_frame - origin (origin = the reading
+block's first frame). RoPE scores depend only on index differences, so this equals upstream's keys
+roped at absolute indices when written, while no angle grows with the stream and moving positions
+rewrite nothing. Positions and the mask are planned on the host once per block (no device sync).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import LiveAvatarConfig
+from .rope import Positions, Rope, apply_rope
+
+
+@dataclass
+class RingRead:
+    """One block's view of a ring: `forward_block(history=...)` calls it once per layer."""
+
+    ring: KVRing
+    first_slot: int
+    rope: Rope             # of all slots * T ring tokens, relative to the block's origin
+    key_mask: torch.Tensor  # [slots * T] bool
+
+    def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store the block's un-roped k/v [B, F*T, H, D]; return every ring key (roped), value and mask."""
+        ring = self.ring
+        B, T = k.shape[0], ring.tokens_per_frame
+        nf = k.shape[1] // T
+        at = slice(self.first_slot, self.first_slot + nf)
+        ring.k[layer, :, at] = k.view(B, nf, T, *k.shape[2:])
+        ring.v[layer, :, at] = v.view(B, nf, T, *v.shape[2:])
+        keys = apply_rope(ring.k[layer].flatten(1, 2), self.rope)
+        return keys, ring.v[layer].flatten(1, 2), self.key_mask
+
+
+class KVRing:
+    """The per-step cache of earlier blocks (the condition K/V live in the stream's `Condition`)."""
+
+    def __init__(self, cfg: LiveAvatarConfig, batch: int, token_hw: tuple[int, int], device, dtype):
+        self.cfg, self.token_hw = cfg, token_hw
+        self.slots = cfg.ring_frames
+        self.tokens_per_frame = token_hw[0] * token_hw[1]
+        shape = (cfg.num_layers, batch, self.slots, self.tokens_per_frame, cfg.num_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_mask = torch.zeros(self.slots * self.tokens_per_frame, dtype=torch.bool, device=device)
+        self.slot_frame = np.full(self.slots, -1, dtype=np.int64)
+
+    def reset(self) -> None:
+        self.k.zero_()
+        self.v.zero_()
+        self.key_mask.zero_()
+        self.slot_frame.fill(-1)
+
+    def first_slot(self, block_counter: int, frames: int) -> int:
+        """Slot of the block's first frame; blocks tile the ring since ring_frames % frames == 0."""
+        return (block_counter * frames) % self.slots
+
+    def begin_block(self, block_counter: int, first_frame: int, frames: int, origin: int) -> RingRead:
+        """Plan the block: claim its slots (evicting the oldest block) and rope/mask every slot.
+
+        block_counter: the block's index counted from the stream's first block (slot arithmetic);
+        first_frame: its absolute first latent frame; origin: the index subtracted before roping.
+        """
+        if frames > self.slots or self.slots % frames:
+            raise ValueError(f"a block of {frames} frames does not tile a ring of {self.slots}")
+        first = self.first_slot(block_counter, frames)
+        self.slot_frame[first:first + frames] = first_frame + np.arange(frames)
+        valid = self.slot_frame >= 0
+        rel = np.where(valid, self.slot_frame - origin, 0)
+        H, W = self.token_hw
+        rope = Rope.of(Positions.grid(rel, np.arange(H), np.arange(W)), self.cfg.rope_split, self.cfg.rope_theta,
+                       self.k.device)
+        mask = torch.from_numpy(np.repeat(valid, self.tokens_per_frame))
+        self.key_mask.copy_(mask)  # in place: a captured graph would keep this address
+        return RingRead(self, first, rope, self.key_mask)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()

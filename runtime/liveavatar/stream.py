@@ -1,0 +1,135 @@
+"""Latent-level streaming of Live Avatar: block after block, 4-step Euler, one KV ring per step.
+
+Per block b (F = block_frames latent frames at absolute frames f0 = b * F ..):
+- noise from the session's seeded generator;
+- step i = 0..num_steps-1: velocity v = forward_block(x, t_i, ring i, condition), written into ring i
+  on the still-noisy x (no clean re-run), then x += (sigma_{i+1} - sigma_i) * v;
+- every temporal RoPE index is read relative to f0 (`origin`), so no angle grows with the stream.
+Rolling sink: the reference frame is read at max(ref_rope_frame, f0 + rd) for each (block, step)
+forward. rd is a setting: fixed, or drawn from a counter-based hash of (seed, block, step) in
+`cfg.sink_offset_range` (upstream: Python's global random per forward, unreproducible).
+Adaptive sink: block 0's first denoised latent frame becomes the reference from block
+`adaptive_sink_block` on, and the condition cache is re-filled (upstream: captured from block 0, used
+from the second clip = block 4 on; the motion latents stay the initial ones, as on upstream's DiT ranks).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kv_ring import KVRing
+from .model import AudioTokens, Condition, LiveAvatarDiT
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def drawn_sink_offset(seed: int, block: int, step: int, lo: int, hi: int) -> int:
+    """rd for one (block, step) forward, uniform-ish in [lo, hi]. A pure function of its arguments (not
+    a sequence), so the GPU running step i under TPP, or a stream started at block 10^5, gets the
+    same value without replaying earlier draws."""
+    h = _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ (block & _MASK64)) ^ step)
+    return lo + h % (hi - lo + 1)
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    seed: int = 0
+    start_block: int = 0  # stream index of the first block: positions only (tests jump to 10^5)
+    sink_offset: int | None = None  # fixed rd; None: drawn per (block, step) from cfg.sink_offset_range
+    adaptive_sink_block: int | None = 4  # block from which block 0's first frame is the reference; None: off
+
+    def __post_init__(self):
+        if self.start_block < 0:
+            raise ValueError(f"start_block must be >= 0, got {self.start_block}")
+        if self.sink_offset is not None and self.sink_offset < 0:
+            raise ValueError(f"sink_offset must be >= 0, got {self.sink_offset}")
+        if self.adaptive_sink_block is not None and self.adaptive_sink_block < 1:
+            raise ValueError(f"adaptive_sink_block must be >= 1 (block 0 makes the new reference), "
+                             f"got {self.adaptive_sink_block}")
+
+
+class LiveAvatarStream:
+    """One session: `generate_block(audio_features)` -> denoised latents [B, C, F, h, w], block after block.
+
+    Everything is allocated here, once: text K/V, the condition cache, the per-step rings, the
+    per-step modulation. Nothing held grows with the number of blocks.
+    """
+
+    def __init__(self, model: LiveAvatarDiT, ref_latent: torch.Tensor, motion_latents: torch.Tensor,
+                 prompt_embeds: torch.Tensor, settings: StreamSettings = StreamSettings()):
+        cfg = model.cfg
+        self.model, self.cfg, self.settings = model, cfg, settings
+        B, C, _, lh, lw = ref_latent.shape
+        self.latent_shape = (B, C, cfg.block_frames, lh, lw)
+        self.text_kv = model.text_kv(prompt_embeds)
+        self.motion_latents = motion_latents.clone()
+        self.cond: Condition = model.encode_condition(ref_latent, motion_latents, self.text_kv)
+        device, dtype = model.patch_embedding.weight.device, model.dtype
+        self.rings = [KVRing(cfg, B, self.cond.token_hw, device, dtype) for _ in range(cfg.num_steps)]
+        # upstream feeds diffusers' fp32 timestep/sigma tensors: the same numbers here
+        t = torch.tensor(cfg.timesteps, dtype=torch.float32)
+        self.mods = [model.time_mod(t[i].expand(B, cfg.block_frames)) for i in range(cfg.num_steps)]
+        self.sigmas = torch.tensor(cfg.sigmas, dtype=torch.float32)
+        self.noise = torch.Generator().manual_seed(settings.seed)
+        self.blocks_done = 0
+        self._sink_latent: torch.Tensor | None = None
+
+    @property
+    def block_index(self) -> int:
+        """Stream index of the next block."""
+        return self.settings.start_block + self.blocks_done
+
+    def ref_frame(self, block: int, step: int) -> int:
+        """Temporal RoPE index of the reference for one forward: max(ref_rope_frame, f0 + rd)."""
+        rd = self.settings.sink_offset
+        if rd is None:
+            rd = drawn_sink_offset(self.settings.seed, block, step, *self.cfg.sink_offset_range)
+        return max(self.cfg.ref_rope_frame, block * self.cfg.block_frames + rd)
+
+    @torch.no_grad()
+    def generate_block(self, audio_features: torch.Tensor) -> torch.Tensor:
+        """audio_features [B, audio_layers, audio_dim, 4F] of the block's video frames -> latents."""
+        if audio_features.shape[0] != self.latent_shape[0]:
+            raise ValueError(f"audio features are for batch {audio_features.shape[0]}, "
+                             f"the stream has {self.latent_shape[0]}")
+        audio = self.model.encode_audio(audio_features)
+        x = self._denoise(audio)
+        self._after_block(x)
+        self.blocks_done += 1
+        return x
+
+    def _denoise(self, audio: AudioTokens) -> torch.Tensor:
+        model, F = self.model, self.cfg.block_frames
+        b, k = self.block_index, self.blocks_done
+        f0 = b * F
+        x = torch.randn(self.latent_shape, generator=self.noise).to(model.patch_embedding.weight.device, model.dtype)
+        for i, ring in enumerate(self.rings):
+            read = ring.begin_block(k, f0, F, origin=f0)
+            v = model.forward_block(x, self.mods[i], audio, self.text_kv, self.cond, first_frame=f0,
+                                    ref_frame=self.ref_frame(b, i), history=read, origin=f0)
+            # diffusers' Euler step: fp32 update, back to the latent dtype
+            x = (x.float() + (self.sigmas[i + 1] - self.sigmas[i]) * v.float()).to(model.dtype)
+        return x
+
+    def _after_block(self, x: torch.Tensor) -> None:
+        at = self.settings.adaptive_sink_block
+        if at is None:
+            return
+        if self.blocks_done == 0:
+            self._sink_latent = x[:, :, :1].clone()
+        if self.blocks_done + 1 == at:
+            self._refill_condition(self._sink_latent)
+
+    def _refill_condition(self, ref_latent: torch.Tensor) -> None:
+        """Re-run the condition pass with a new reference, into the existing cache tensors."""
+        new = self.model.encode_condition(ref_latent, self.motion_latents, self.text_kv)
+        for dst, src in zip(self.cond.keys + self.cond.values, new.keys + new.values):
+            dst.copy_(src)
