@@ -201,3 +201,13 @@ def test_decoded_frames_equal_the_offline_vae_decode(model, w2v):
     got = torch.cat([b.frames for b in blocks], dim=1)
     assert (got.int() - want.int()).abs().max() <= 1  # fp32 rounding may flip a .5 boundary
     assert got.float().std() > 5  # not a constant image
+
+
+def test_reset_starts_the_same_stream_again(model, w2v):
+    audio = _audio(30000, seed=6)
+    e = _engine(model, w2v)
+    first = _run(e, audio, [0, 30000])  # 4 blocks; the adaptive sink re-fills the condition after block 3
+    _run(e, _audio(20000, seed=7), [0, 20000])  # more blocks: the rings wrap
+    e.reset()
+    again = _run(e, audio, [0, 30000])
+    assert len(again) == len(first) and all(torch.equal(a.latents, b.latents) for a, b in zip(first, again))

@@ -74,6 +74,15 @@ class LiveAvatarEngine:
         self.ring = SampleRing(front.window_samples + 2 * hop)  # one window + room to push into
         self.blocks = 0
 
+    def reset(self) -> None:
+        """A new stream on the same session: audio timeline, stream, decoder cache back to the start."""
+        self.ring.buf.fill(0.0)
+        self.ring.floor = self.ring.total = 0
+        self.blocks = 0
+        self.stream.reset()
+        if self.decoder is not None:
+            self.decoder.reset()
+
     def step(self, audio_chunk, sample_rate: int) -> list[LiveAvatarBlock]:
         x = check_chunk(audio_chunk, sample_rate, SAMPLE_RATE)  # raises before anything changes
         out, at = [], 0

@@ -71,6 +71,7 @@ class LiveAvatarStream:
         self.latent_shape = (B, C, cfg.block_frames, lh, lw)
         self.text_kv = model.text_kv(prompt_embeds)
         self.motion_latents = motion_latents.clone()
+        self.ref_latent = ref_latent.clone()  # kept for reset(): the adaptive sink replaces it
         self.cond: Condition = model.encode_condition(ref_latent, motion_latents, self.text_kv)
         device, dtype = model.patch_embedding.weight.device, model.dtype
         self.rings = [KVRing(cfg, B, self.cond.token_hw, device, dtype) for _ in range(cfg.num_steps)]
@@ -78,9 +79,18 @@ class LiveAvatarStream:
         t = torch.tensor(cfg.timesteps, dtype=torch.float32)
         self.mods = [model.time_mod(t[i].expand(B, cfg.block_frames)) for i in range(cfg.num_steps)]
         self.sigmas = torch.tensor(cfg.sigmas, dtype=torch.float32)
-        self.noise = torch.Generator().manual_seed(settings.seed)
+        self.noise = torch.Generator()
+        self.reset(refill=False)
+
+    def reset(self, refill: bool = True) -> None:
+        """Start the stream again (same seed, same reference): the next block is block start_block."""
+        self.noise.manual_seed(self.settings.seed)
         self.blocks_done = 0
         self._sink_latent: torch.Tensor | None = None
+        for ring in self.rings:
+            ring.reset()
+        if refill:
+            self._refill_condition(self.ref_latent)
 
     @property
     def block_index(self) -> int:
