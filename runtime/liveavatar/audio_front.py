@@ -1,6 +1,7 @@
 """Audio front end of Live Avatar: 16 kHz PCM -> [B, 25, 1024, 12] wav2vec2 features per block.
 
-Upstream (Wan2.2 `wan/modules/s2v/audio_encoder.py`, used by causal_s2v_pipeline_tpp.encode_audio):
+Upstream (liveavatar/models/wan/wan_2_2/modules/s2v/audio_encoder.py, used by
+causal_s2v_pipeline_tpp.encode_audio):
 the WHOLE file goes through wav2vec2-large-xlsr-53-english once (the processor normalises it over
 the whole file), all 25 hidden states are kept, `linear_interpolation` resamples 50 Hz -> 30 Hz with
 `F.interpolate(align_corners=True, size=int(T50 / 50 * 30))`, and video frame i (25 fps) takes
