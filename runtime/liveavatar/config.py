@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from kernels.rope import rope_split
+
 
 def _require(cond: bool, msg: str) -> None:
     if not cond:
@@ -100,8 +102,7 @@ class LiveAvatarConfig:
     @property
     def rope_split(self) -> tuple[int, int, int]:
         """(frame, height, width) parts of head_dim: d - 4*(d//6), 2*(d//6), 2*(d//6) = 44/42/42 at 128."""
-        d = self.head_dim
-        return d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)
+        return rope_split(self.head_dim)
 
     @property
     def motion_scales(self) -> tuple[int, int, int]:
