@@ -2,8 +2,9 @@
 
 Parameter names and shapes are the release's (857 tensors for `livetalk-1.3b`). The forward runs one
 block of latent frames against the session's KV ring: the block's keys/values are written into
-their ring slots (un-roped), then its queries attend to every valid slot with RoPE applied at read
-time. Which slots exist and where they sit in RoPE space is decided on the host by
+their ring slots (un-roped in time: the ops class decides whether the position-invariant
+height/width part is applied on the way, see runtime/models/ops.py), then its queries attend to every
+valid slot with the frame rotation applied at read time. Which slots exist and where they sit in RoPE space is decided on the host by
 `runtime.session.plan_block`, so the model itself never branches on stream position.
 
 The four hot ops (qk-norm + KV write, window attention, LayerNorm + modulate, gated residual) go
