@@ -1,0 +1,168 @@
+"""Live Avatar timestep-forcing pipeline (gloo on CPU, one torch thread per rank) against the one-process
+`LiveAvatarStream`, bit for bit: 7 blocks, so every ring wraps and the adaptive sink swaps at block 4.
+
+The first run of the module starts the forkserver (imports once); later runs take about a second.
+"""
+import multiprocessing
+import time
+
+import pytest
+import torch
+
+from runtime.liveavatar import LiveAvatarStream, StreamSettings, build_liveavatar, randomize_weights
+from runtime.liveavatar.tpp import PipelineError, TppLayout, run_liveavatar_tpp
+from runtime.liveavatar.tpp_step import NoiseSource, StepState
+from tests.test_liveavatar_forward import TINY
+
+LH, LW, BLOCKS, WEIGHTS_SEED = 8, 8, 7, 3
+SETTINGS = StreamSettings(seed=5, adaptive_sink_block=4)  # rd drawn per (block, step): the rolling sink moves
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as every rank: the comparison is exact
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomize_weights(build_liveavatar(TINY, dtype=torch.float32), seed=WEIGHTS_SEED)
+
+
+@pytest.fixture(scope="module")
+def session():
+    g = torch.Generator().manual_seed(11)
+    return {"ref_latent": torch.randn(1, 16, 1, LH, LW, generator=g),
+            "motion_latents": torch.randn(1, 16, 19, LH, LW, generator=g),
+            "prompt_embeds": torch.randn(1, 5, TINY.text_dim, generator=g),
+            "features_per_block": [torch.randn(1, TINY.audio_layers, TINY.audio_dim, 4 * TINY.block_frames,
+                                               generator=g) for _ in range(BLOCKS)]}
+
+
+@pytest.fixture(scope="module")
+def reference(model, session):
+    s = LiveAvatarStream(model, session["ref_latent"], session["motion_latents"], session["prompt_embeds"], SETTINGS)
+    return [s.generate_block(f) for f in session["features_per_block"]]
+
+
+def _run(session, world, **kwargs):
+    return run_liveavatar_tpp(TINY, settings=SETTINGS, world_size=world, weights_seed=WEIGHTS_SEED,
+                              timeout_s=120, **session, **kwargs)
+
+
+def _assert_same(got, want):
+    assert len(got) == len(want)
+    for b, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g, w), f"block {b}: max |diff| {(g - w).abs().max().item()}"
+
+
+def no_rank_left():
+    return not [p for p in multiprocessing.active_children() if p.name.startswith("tpp-rank")]
+
+
+# ---- one process: the per-step state chained by hand equals the stream --------------------------------
+
+def test_step_states_chained_equal_stream(model, session, reference):
+    """The pipeline's building blocks without processes: a bug here is not a transport bug."""
+    args = (session["ref_latent"], session["motion_latents"], session["prompt_embeds"], SETTINGS)
+    states = [StepState(model, i, *args) for i in range(TINY.num_steps)]
+    noise = NoiseSource(SETTINGS.seed, states[0].latent_shape, torch.device("cpu"), model.dtype)
+    got, sink = [], None
+    for k, features in enumerate(session["features_per_block"]):
+        audio, x = model.encode_audio(features), noise.next()
+        for st in states:
+            if k == SETTINGS.adaptive_sink_block:
+                st.refill_condition(sink)
+            x = st.run(x, audio, k)
+        sink = x[:, :, :1].clone() if k == 0 else sink
+        got.append(x)
+    _assert_same(got, reference)
+
+
+def test_adaptive_sink_changes_the_result(model, session, reference):
+    """Guards the test above: without the re-fill, blocks from 4 on differ (so the swap is exercised)."""
+    s = LiveAvatarStream(model, session["ref_latent"], session["motion_latents"], session["prompt_embeds"],
+                         StreamSettings(seed=SETTINGS.seed, adaptive_sink_block=None))
+    off = [s.generate_block(f) for f in session["features_per_block"]]
+    assert all(torch.equal(a, b) for a, b in zip(off[:4], reference[:4]))
+    assert not any(torch.equal(a, b) for a, b in zip(off[4:], reference[4:]))
+
+
+# ---- processes ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world", [TINY.num_steps, TINY.num_steps + 1])
+def test_tpp_equals_one_process_stream(session, reference, world):
+    run = _run(session, world)
+    _assert_same(run.latents, reference)
+    denoise = [e for e in run.trace if e.stage == "denoise"]
+    # rank i ran step i of every block, and nothing else denoised
+    assert sorted((e.rank, e.step, e.block) for e in denoise) == sorted(
+        (i, i, b) for i in range(TINY.num_steps) for b in range(BLOCKS))
+    assert sorted(e.rank for e in run.trace if e.stage == "refill") == list(range(TINY.num_steps))
+    assert no_rank_left()
+
+
+def test_rank_i_minus_1_works_on_the_next_block(session, reference):
+    """Slow steps (a sleep, no CPU) make the schedule visible on 2 shared cores."""
+    run = _run(session, TINY.num_steps, step_sleep_s=0.15)
+    _assert_same(run.latents, reference)
+    steps = {(e.rank, e.block): e for e in run.trace if e.stage == "denoise"}
+    overlapping = [(i, b) for (i, b), e in steps.items() if i > 0 and (i - 1, b + 1) in steps
+                   and _overlap(e, steps[(i - 1, b + 1)])]
+    assert len(overlapping) >= BLOCKS  # not one lucky pair: the pipeline is full most of the time
+    # 28 sequential sleeps would take 4.2 s; a full pipeline about (7 + 3) * 0.15 s
+    first = min(e.start for e in steps.values())
+    last = max(e.end for e in steps.values())
+    assert last - first < 0.6 * BLOCKS * TINY.num_steps * 0.15
+
+
+def _overlap(a, b):
+    return a.start < b.end and b.start < a.end
+
+
+@pytest.mark.parametrize("world,spec,role", [
+    (TINY.num_steps, "2:denoise:3", "step 2"),
+    (TINY.num_steps + 1, "0:audio:5", "step 0 + audio"),
+    (TINY.num_steps + 1, "4:emit:1", "collect"),
+])
+def test_failing_rank_is_named_and_ends_all_ranks(session, world, spec, role):
+    rank, stage, block = spec.split(":")
+    start = time.monotonic()
+    with pytest.raises(PipelineError) as info:
+        _run(session, world, fail_at=spec)
+    e = info.value
+    assert (e.rank, e.stage, e.block, e.role) == (int(rank), stage, int(block), role)
+    assert f"pipeline rank {rank} ({role}) failed in stage '{stage}' (session 0, block {block})" in str(e)
+    assert "InjectedFailure" in str(e)
+    assert time.monotonic() - start < 30
+    assert no_rank_left()
+
+
+# ---- bad input fails in the driver, before any process starts -----------------------------------------
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"world_size": 3}, "world_size must be 4"),
+    ({"world_size": 6}, "world_size must be 4"),
+    ({"fail_at": "1:audio"}, r"rank 1 \(step 1\) runs only denoise"),
+    ({"fail_at": "9:denoise"}, "rank 9 is outside world size 4"),
+    ({"backend": "mpi"}, "backend must be"),
+])
+def test_bad_arguments_fail_before_spawning(session, kwargs, match):
+    args = {"world_size": TINY.num_steps, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        run_liveavatar_tpp(TINY, **session, **args)
+    assert no_rank_left()
+
+
+def test_bad_features_fail_before_spawning(session):
+    bad = dict(session, features_per_block=[torch.zeros(1, TINY.audio_layers, TINY.audio_dim, 8)])
+    with pytest.raises(ValueError, match=r"features of block 0 must be \[1, 3, 16, 12\]"):
+        run_liveavatar_tpp(TINY, **bad)
+
+
+def test_layout_roles():
+    layout = TppLayout(5, 4)
+    assert [layout.role(r) for r in range(5)] == ["step 0 + audio", "step 1", "step 2", "step 3", "collect"]
+    assert (layout.output_rank, TppLayout(4, 4).output_rank, TppLayout(4, 4).collect_rank) == (4, 3, None)
