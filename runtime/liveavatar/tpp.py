@@ -23,8 +23,9 @@ The transport, the stage/trace/failure-injection context and the process driver 
 runtime/pipeline.py's (family 1), imported, not copied.
 
 Drivers: `run_liveavatar_tpp` spawns the ranks on this machine (gloo on CPU: tests); `serve_rank` is
-the per-rank entry for torchrun (NCCL on GPUs: init the default group, make a gloo meta group with
-`dist.new_group(backend="gloo")`, build the model on the rank's device, call it).
+the per-rank entry for torchrun (NCCL on GPUs): `init_torchrun_rank()`, build the model on the
+rank's device with the same weights everywhere, then `serve_rank(rank, world, model, session, device,
+meta, sink)`. The NCCL path has not run yet (no GPUs where this was written).
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ from .tpp_layout import DEFAULT_SETTINGS, TppLayout, TppSession
 from .tpp_ranks import _collect, _StepRank
 from .tpp_step import StepState
 
-__all__ = ["PipelineError", "TppLayout", "TppRun", "TppSession", "run_liveavatar_tpp", "serve_rank"]
+__all__ = ["PipelineError", "TppLayout", "TppRun", "TppSession", "init_torchrun_rank", "run_liveavatar_tpp",
+           "serve_rank"]
 
 Sink = Callable[[int, torch.Tensor], None]
 
@@ -99,6 +101,18 @@ def serve_rank(rank: int, world_size: int, model: LiveAvatarDiT, session: TppSes
         _StepRank(ctx, layout, state, session, sink).run()
     ctx.transport.drain()
     return ctx.events
+
+
+def init_torchrun_rank(comm_timeout_s: float = 120.0) -> tuple[int, int, torch.device, object]:
+    """Under torchrun (one process per GPU): the NCCL default group on this rank's GPU and the gloo meta
+    group `serve_rank` needs; returns (rank, world_size, device, meta_group). Not run in this repo's
+    tests (no GPUs there): the CPU tests run the same `serve_rank` over gloo."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+    torch.cuda.set_device(device)
+    timeout = timedelta(seconds=comm_timeout_s)
+    dist.init_process_group("nccl", rank=rank, world_size=world, timeout=timeout)
+    return rank, world, device, dist.new_group(backend="gloo", timeout=timeout)
 
 
 # ---- local driver (spawned processes) ------------------------------------------------------------------
