@@ -206,8 +206,11 @@ def test_decoded_frames_equal_the_offline_vae_decode(model, w2v):
 def test_reset_starts_the_same_stream_again(model, w2v):
     audio = _audio(30000, seed=6)
     e = _engine(model, w2v)
-    first = _run(e, audio, [0, 30000])  # 4 blocks; the adaptive sink re-fills the condition after block 3
-    _run(e, _audio(20000, seed=7), [0, 20000])  # more blocks: the rings wrap
+    first = e.step(audio, SR) + e.end_segment()  # 4 blocks; the adaptive sink re-fills the condition
+    e.step(_audio(20000, seed=7), SR)  # more blocks: the rings wrap
+    e.flush()
+    with pytest.raises(RuntimeError, match="flushed"):
+        e.step(audio, SR)  # flush ended the stream, as family 1's
     e.reset()
     again = _run(e, audio, [0, 30000])
     assert len(again) == len(first) and all(torch.equal(a.latents, b.latents) for a, b in zip(first, again))

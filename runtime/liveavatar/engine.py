@@ -1,37 +1,59 @@
-"""`LiveAvatarEngine`: audio chunks in, latent blocks out (family 2's step/flush face).
+"""`LiveAvatarEngine`: audio chunks in, video blocks out (family 2's face, shaped like family 1's `Engine`).
+
+    eng = LiveAvatarEngine.random("tiny")        # or .from_pretrained(trunk, lora, vae, wav2vec)
+    eng.reset(reference_image, seed=0)
+    for chunk in audio_chunks:
+        for block in eng.step(chunk, 16000):      # zero or more LiveAvatarBlocks per call
+            show(block.rgb)
+    tail = eng.flush()                            # pads with silence, ends the stream
 
 step(chunk, sample_rate) validates the chunk (nothing changes on bad input), appends it to a bounded
 ring on the absolute sample timeline and returns every block whose audio window (audio_front.py) is
-now complete: zero or more `LiveAvatarBlock`s. Block b covers video frames 12b .. 12b + 11 (25 fps)
-of the audio timeline; its latents come from `LiveAvatarStream.generate_block`. A chunk larger than
-the ring is taken in pieces, generating blocks in between, so memory stays bounded for any chunk.
+now complete. Block b is driven by video frames 12b .. 12b + 11 (25 fps) of the audio timeline; its
+latents come from `LiveAvatarStream.generate_block`. A chunk larger than the ring is taken in pieces,
+generating blocks in between, so memory stays bounded for any chunk.
 
 With a decoder (runtime.models.streaming.StreamingDecoder over the Wan2.1 VAE, z 16: the one S2V
 uses) every block is also decoded, causally with the decoder's carried cache: 1 + 2 * 4 = 9 frames
 for the first block, 12 after, which is what upstream keeps too (it drops 3 of the first block's 12).
-Upstream instead re-decodes [motion latents | block] from scratch per block and re-encodes the last
-9 frames as the next motion latents; the carried cache is the streaming form of that context.
+Output timeline: block b's frames are output frames max(0, 12b - 3) ..; each block carries the audio
+that drove its frames (block 0: driving frames 3..11, the first latent frame having become one
+frame), so lips stay in sync and the output audio is the input minus its first 3 frames (120 ms).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from runtime.audio.validate import check_chunk
+from runtime.audio.validate import Resampler, check_chunk
 from runtime.models.streaming import StreamingDecoder
 
-from .audio_front import SAMPLE_RATE, SAMPLES_PER_VIDEO_FRAME, Wav2VecFrontEnd
-from .stream import LiveAvatarStream
+from .audio_front import SAMPLE_RATE, SAMPLES_PER_VIDEO_FRAME, VIDEO_FPS, Wav2VecFrontEnd
+from .reference import encode_reference, prompt_tensor, reference_pixels
+from .stream import LiveAvatarStream, StreamSettings
 
 
 @dataclass
 class LiveAvatarBlock:
     index: int               # block counter of this engine (0 = first block)
     latents: torch.Tensor    # [B, 16, 3, h, w] denoised
-    audio_span: tuple[int, int]  # absolute samples of the block's own 12 video frames
+    audio_span: tuple[int, int]  # absolute samples of the 12 video frames that drove the block
     frames: torch.Tensor | None = None  # uint8 [B, N, H, W, 3] when a decoder is attached
+    first_frame: int = 0     # output frame index of its first frame
+    pts: float = 0.0         # time of its first frame, seconds
+    audio: np.ndarray | None = None  # float32 16 kHz mono samples its N frames cover
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    @property
+    def rgb(self) -> np.ndarray:
+        """Batch row 0 as a uint8 [N, H, W, 3] host array (family 1's `VideoBlock.frames` layout)."""
+        if self.frames is None:
+            raise RuntimeError("this engine has no decoder: blocks carry latents only")
+        return self.frames[0].numpy()
 
 
 class SampleRing:
@@ -63,28 +85,184 @@ class SampleRing:
     def release(self, before: int) -> None:
         self.floor = max(self.floor, min(before, self.total))
 
+    def truncate(self, total: int) -> int:
+        """Forget samples from `total` on (never below floor); returns how many were dropped."""
+        keep = max(self.floor, min(total, self.total))
+        dropped, self.total = self.total - keep, keep
+        return dropped
+
+    def clear(self) -> None:
+        self.buf.fill(0.0)
+        self.floor = self.total = 0
+
 
 class LiveAvatarEngine:
-    def __init__(self, stream: LiveAvatarStream, front: Wav2VecFrontEnd, decoder: StreamingDecoder | None = None):
-        if front.settings.block_video_frames != 4 * stream.cfg.block_frames:
+    fps = VIDEO_FPS
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, stream: LiveAvatarStream | None, front: Wav2VecFrontEnd,
+                 decoder: StreamingDecoder | None = None, *, model=None, vae=None,
+                 size: tuple[int, int] | None = None, settings: StreamSettings | None = None):
+        """`stream`: a ready stream, or None for an engine whose sessions start at `reset(image)`.
+        `model`: the trunk when there is no stream yet. `vae` (default: the decoder's) encodes reference
+        images at `size` (H, W; default: the stream's latent size times the VAE's factor)."""
+        self.model = stream.model if stream is not None else model
+        if self.model is None:
+            raise ValueError("give a stream or the model its sessions will run")
+        if front.settings.block_video_frames != 4 * self.model.cfg.block_frames:
             raise ValueError(f"front end makes blocks of {front.settings.block_video_frames} video frames, "
-                             f"the stream takes {4 * stream.cfg.block_frames}")
+                             f"the stream takes {4 * self.model.cfg.block_frames}")
         self.stream, self.front, self.decoder = stream, front, decoder
+        self.vae = vae if vae is not None else (decoder.model if decoder is not None else None)
+        self.size = size or self._size_of(stream)
+        self.settings = stream.settings if stream is not None else (settings or StreamSettings())
+        self.quantization = None  # a QuantizeReport when built with quantize=
         hop = front.settings.block_video_frames * SAMPLES_PER_VIDEO_FRAME
         self.ring = SampleRing(front.window_samples + 2 * hop)  # one window + room to push into
-        self.blocks = 0
+        self.blocks, self.flushed, self.resampler = 0, False, None
 
-    def reset(self) -> None:
-        """A new stream on the same session: audio timeline, stream, decoder cache back to the start."""
-        self.ring.buf.fill(0.0)
-        self.ring.floor = self.ring.total = 0
-        self.blocks = 0
-        self.stream.reset()
+    def _size_of(self, stream: LiveAvatarStream | None) -> tuple[int, int] | None:
+        if stream is None or self.vae is None:
+            return None
+        s = self.vae.config.spatial_factor
+        return stream.latent_shape[3] * s, stream.latent_shape[4] * s
+
+    # ---- construction (runtime/liveavatar/build.py) -----------------------------------------------
+    @classmethod
+    def random(cls, preset: str = "tiny", device=None, dtype=None, seed: int = 0, quantize: str | None = None,
+               decoder: bool = True) -> LiveAvatarEngine:
+        """Random weights of a preset's shapes (tiny: tests and demos; liveavatar-14b: benchmarks)."""
+        from .build import random_engine
+        return random_engine(cls, preset, device, dtype, seed, quantize, decoder)
+
+    @classmethod
+    def from_pretrained(cls, trunk_dir, lora_path, vae_path, wav2vec_dir, device=None, dtype=None,
+                        quantize: str | None = None, preset: str = "liveavatar-14b") -> LiveAvatarEngine:
+        """The release files: Wan2.2-S2V-14B shards, liveavatar.safetensors, Wan2.1_VAE.pth and a
+        wav2vec2-large-xlsr-53-english Hugging Face directory. Strict; missing files are named first."""
+        from .build import pretrained_engine
+        return pretrained_engine(cls, (trunk_dir, lora_path, vae_path, wav2vec_dir), device, dtype, quantize,
+                                 preset)
+
+    # ---- session --------------------------------------------------------------------------------
+    def reset(self, reference_image=None, prompt_embeds=None, seed: int | None = None) -> None:
+        """Start a new stream from a reference image (path or HxWx3 uint8), or, with no arguments,
+        start the current stream again (same reference, prompt and seed).
+
+        The image is resized to cover the preset's size and centre-cropped, VAE-encoded to the
+        reference latent; the motion latents are that image repeated over 73 video frames and encoded,
+        as upstream initialises them. `prompt_embeds` [L, text_dim] (umT5 output); None gives one all-zero
+        row, as family 1. Everything is validated before any state changes."""
+        if reference_image is None:
+            if prompt_embeds is not None or seed is not None:
+                raise ValueError("prompt_embeds and seed start a new stream: pass reference_image too")
+            return self._restart()
+        if self.vae is None or self.size is None:
+            raise RuntimeError("this engine has no VAE to encode a reference image (build it with a decoder "
+                               "or vae=)")
+        pixels = reference_pixels(reference_image, *self.size)
+        embeds = prompt_tensor(prompt_embeds, self.model.cfg)
+        settings = dataclasses.replace(self.settings, seed=0 if seed is None else seed)
+        ref, motion = encode_reference(self.vae, pixels, self.model.cfg.motion_frames)
+        self.stream = None  # free the old rings before the new ones are allocated (10 GB each at 14B)
+        self.stream = LiveAvatarStream(self.model, ref.to(self.model.dtype), motion.to(self.model.dtype),
+                                       embeds.to(ref.device, self.model.dtype), settings)
+        self.settings = settings
+        self._restart()
+
+    def _restart(self) -> None:
+        self.ring.clear()
+        self.blocks, self.flushed, self.resampler = 0, False, None
+        if self.stream is not None:
+            self.stream.reset()
         if self.decoder is not None:
             self.decoder.reset()
 
-    def step(self, audio_chunk, sample_rate: int) -> list[LiveAvatarBlock]:
-        x = check_chunk(audio_chunk, sample_rate, SAMPLE_RATE)  # raises before anything changes
+    def _require_stream(self) -> LiveAvatarStream:
+        if self.stream is None:
+            raise RuntimeError("call reset(reference_image) before step()")
+        if self.flushed:
+            raise RuntimeError("this stream was flushed; call reset() to start a new one")
+        return self.stream
+
+    # ---- streaming ------------------------------------------------------------------------------
+    def step(self, audio_chunk, sample_rate: int, resample: bool = False) -> list[LiveAvatarBlock]:
+        """Push mono audio (int16 or float32 in [-1, 1]); return every block that became ready.
+
+        Another rate is an error unless `resample=True`: a streaming soxr resampler per stream
+        (chunking-independent; one input rate per stream, until reset/end_segment/interrupt)."""
+        self._require_stream()
+        if not (resample and sample_rate != SAMPLE_RATE):
+            return self._feed(check_chunk(audio_chunk, sample_rate, SAMPLE_RATE))  # raises before any change
+        check_chunk(audio_chunk, sample_rate, sample_rate)  # validate before a resampler is made
+        if self.resampler is not None and self.resampler.from_rate != sample_rate:
+            raise ValueError(f"sample rate changed mid-stream ({self.resampler.from_rate} -> {sample_rate} Hz); "
+                             "call reset() or end_segment() first")
+        self.resampler = self.resampler or Resampler(sample_rate, SAMPLE_RATE)
+        return self._feed(self.resampler(audio_chunk))
+
+    def flush(self) -> list[LiveAvatarBlock]:
+        """Pad with silence until every pushed sample is in a block, emit them, end the stream."""
+        self._require_stream()
+        blocks = self._cover_pushed_audio()
+        self.flushed = True
+        return blocks
+
+    def end_segment(self) -> list[LiveAvatarBlock]:
+        """End of an utterance (LiveKit's AudioSegmentEnd): like flush, but the stream goes on. The
+        silence queued past the last block is dropped, so the next speech starts at a block boundary."""
+        self._require_stream()
+        blocks = self._cover_pushed_audio()
+        self.ring.truncate(self._block_start(self.blocks))
+        return blocks
+
+    def interrupt(self) -> int:
+        """Barge-in: drop audio pushed but not yet in a block; rings, reference and the video timeline
+        stay (the avatar does not jump). Returns the number of samples dropped."""
+        self._require_stream()
+        self.resampler = None  # its buffered input belongs to the dropped audio
+        return self.ring.truncate(self._block_start(self.blocks))
+
+    def idle(self, blocks: int = 1) -> list[LiveAvatarBlock]:
+        """`blocks` more blocks driven by silence (listening avatar), after any queued audio. The
+        lookahead silence past the last one is dropped again, so speech pushed next starts at once."""
+        self._require_stream()
+        if blocks < 1:
+            raise ValueError(f"blocks must be >= 1, got {blocks}")
+        pushed = self.ring.total
+        out = self._pad_to(self.front.planner.window(self.blocks + blocks - 1).stop)
+        self.ring.truncate(max(pushed, self._block_start(self.blocks)))
+        return out
+
+    @property
+    def next_block(self) -> int:
+        self._require_stream()
+        return self.blocks
+
+    @property
+    def pending_samples(self) -> int:
+        """Pushed samples (16 kHz) not yet inside a generated block."""
+        self._require_stream()
+        return max(0, self.ring.total - self._block_start(self.blocks))
+
+    # ---- internals ------------------------------------------------------------------------------
+    def _block_start(self, block: int) -> int:
+        """First sample of the audio that drives `block`."""
+        return block * self.front.settings.block_video_frames * SAMPLES_PER_VIDEO_FRAME
+
+    def _cover_pushed_audio(self) -> list[LiveAvatarBlock]:
+        out = self._feed(self.resampler.flush()) if self.resampler is not None else []
+        self.resampler = None  # flushed: a later segment starts a fresh delay line
+        frames = -(-self.ring.total // SAMPLES_PER_VIDEO_FRAME)
+        target = -(-frames // self.front.settings.block_video_frames)
+        if target > self.blocks:
+            out += self._pad_to(self.front.planner.window(target - 1).stop)
+        return out
+
+    def _pad_to(self, total: int) -> list[LiveAvatarBlock]:
+        return self._feed(np.zeros(max(0, total - self.ring.total), dtype=np.float32))
+
+    def _feed(self, x: np.ndarray) -> list[LiveAvatarBlock]:
         out, at = [], 0
         while at < len(x):
             take = min(self.ring.free, len(x) - at)
@@ -93,31 +271,33 @@ class LiveAvatarEngine:
             out += self._ready_blocks()
         return out
 
-    def flush(self) -> list[LiveAvatarBlock]:
-        """Pad with silence until every video frame the pushed audio touches is in a block."""
-        frames = -(-self.ring.total // SAMPLES_PER_VIDEO_FRAME)
-        per_block = self.front.settings.block_video_frames
-        target = -(-frames // per_block)
+    def _ready_blocks(self) -> list[LiveAvatarBlock]:
         out = []
-        while self.blocks < target:
-            need = self.front.planner.window(self.blocks).stop - self.ring.total
-            out += self.step(np.zeros(max(need, 0), dtype=np.float32), SAMPLE_RATE)
+        while (w := self.front.planner.window(self.blocks)).stop <= self.ring.total:
+            out.append(self._run_block(w))
+            self.blocks += 1
+            self.ring.release(self.front.planner.window(self.blocks).start)
         return out
+
+    def _run_block(self, w) -> LiveAvatarBlock:
+        clock = time.perf_counter
+        t0 = clock()
+        feats = self.front.features(w, self.ring.read(w.start, w.stop))
+        t1 = clock()
+        latents = self.stream.generate_block(feats.to(self.model.dtype))
+        t2 = clock()
+        frames = self._decode(latents)
+        t3 = clock()
+        b, per_block = self.blocks, self.front.settings.block_video_frames
+        n = per_block - (3 if b == 0 else 0)  # the causal decode makes 1 + 4 * (F - 1) frames first
+        first = max(0, b * per_block - 3)
+        stop = self._block_start(b + 1)
+        return LiveAvatarBlock(b, latents, (self._block_start(b), stop), frames, first_frame=first,
+                               pts=first / VIDEO_FPS, audio=self.ring.read(stop - n * SAMPLES_PER_VIDEO_FRAME, stop),
+                               timings={"audio": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2, "total": t3 - t0})
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor | None:
         if self.decoder is None:
             return None
         video = self.decoder.decode(latents.to(self.decoder.model.dtype))  # [B, 3, N, H, W] in [-1, 1]
         return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()
-
-    def _ready_blocks(self) -> list[LiveAvatarBlock]:
-        out = []
-        while (w := self.front.planner.window(self.blocks)).stop <= self.ring.total:
-            feats = self.front.features(w, self.ring.read(w.start, w.stop))
-            latents = self.stream.generate_block(feats.to(self.stream.model.dtype))
-            span = self.blocks * self.front.settings.block_video_frames * SAMPLES_PER_VIDEO_FRAME
-            hop = self.front.settings.block_video_frames * SAMPLES_PER_VIDEO_FRAME
-            out.append(LiveAvatarBlock(self.blocks, latents, (span, span + hop), self._decode(latents)))
-            self.blocks += 1
-            self.ring.release(self.front.planner.window(self.blocks).start)
-        return out
