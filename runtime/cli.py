@@ -209,8 +209,16 @@ def demo(
     quantize: Annotated[str | None, typer.Option(
         "--quantize", help="fp8 (per-tensor scales, compute capability >= 8.9) or fp8-row (per token / "
                            "channel, >= 9.0): FP8 weights and activations in the DiT's linears.")] = None,
+    family: Annotated[str, typer.Option(
+        "--family", help="livetalk (family 1) or liveavatar (family 2: random weights of --preset, "
+                         "tiny or liveavatar-14b).")] = "livetalk",
 ) -> None:
     """Stream speech through the engine and write an MP4 with per-block timings."""
+    if family == "liveavatar":
+        return _demo_liveavatar(out, seconds, audio, resample, image, preset, device, dtype, seed, chunk_ms,
+                                quantize)
+    if family != "livetalk":
+        raise typer.BadParameter(f"family must be livetalk or liveavatar, got {family!r}", param_hint="--family")
     if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
         raise typer.BadParameter(f"device must be cpu or cuda[:N], got {device!r}", param_hint="--device")
     if dtype is not None and dtype not in _DTYPES:
@@ -244,6 +252,32 @@ def demo(
     typer.echo(f"wrote {out}")
     if random_weights:
         typer.secho(warning, fg=typer.colors.YELLOW, bold=True, err=True)
+
+
+def _demo_liveavatar(out, seconds, audio, resample, image, preset, device, dtype, seed, chunk_ms, quantize) -> None:
+    """Family 2 with random weights (no release files are wired to the CLI yet)."""
+    import torch
+
+    from runtime.liveavatar.demo import stream_liveavatar_to_mp4
+    from runtime.liveavatar.engine import LiveAvatarEngine
+    from runtime.media import load_image, synthetic_face
+
+    warning = RANDOM_WEIGHTS_WARNING.split(" Pass")[0].format(preset=preset)
+    typer.secho(warning, fg=typer.colors.YELLOW, bold=True, err=True)
+    try:
+        engine = LiveAvatarEngine.random(preset, device, getattr(torch, dtype) if dtype else None, seed,
+                                         quantize=quantize)
+    except (ValueError, RuntimeError) as e:
+        raise typer.BadParameter(str(e), param_hint="--preset / --quantize") from e
+    sr = engine.sample_rate
+    samples = _load_demo_audio(audio, seconds, sr, resample, seed)
+    engine.reset(load_image(image) if image else synthetic_face(*engine.size), seed=seed)
+    chunk = max(1, round(chunk_ms * sr / 1000.0))
+    report = stream_liveavatar_to_mp4(engine, samples, out, chunk)
+    typer.echo(format_block_table(report))
+    typer.echo(format_summary(report, engine.fps))
+    typer.echo(f"wrote {out}")
+    typer.secho(warning, fg=typer.colors.YELLOW, bold=True, err=True)
 
 
 def _prompt_args(prompt: str | None, embeds_file: Path | None, random_weights: bool) -> dict:

@@ -239,3 +239,17 @@ def test_demo_fp8_micro_and_bad_quantize(tmp_path):
     result = runner.invoke(cli.app, ["demo", "--out", str(out), "--preset", "micro", "--device", "cpu",
                                      "--quantize", "int4", "--no-progress"])
     assert result.exit_code == 2 and "quantize" in result.output
+
+
+def test_demo_family_liveavatar_writes_an_mp4_of_the_tiny_preset(tmp_path):
+    out = tmp_path / "la.mp4"
+    result = runner.invoke(cli.app, ["demo", "--family", "liveavatar", "--seconds", "1.2", "--out", str(out),
+                                     "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "RANDOM weights" in result.output and "wrote" in result.output
+    with av.open(str(out)) as c:
+        video = c.streams.video[0]
+        frames = sum(1 for _ in c.decode(video))
+    assert (video.width, video.height) == (64, 64) and frames == 9 + 12 * 2  # 1.2 s: blocks of 9, 12, 12
+    bad = runner.invoke(cli.app, ["demo", "--family", "wan", "--out", str(out)])
+    assert bad.exit_code != 0 and "family" in bad.output
