@@ -9,6 +9,7 @@ import os
 import wave
 from fractions import Fraction
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 
@@ -388,7 +389,7 @@ class Mp4Writer:
         finally:
             self._container.close()
 
-    def __enter__(self) -> Mp4Writer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

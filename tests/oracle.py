@@ -47,7 +47,7 @@ def full_forward(dit: CausalAudioDiT, cfg: EngineConfig, x: torch.Tensor, t: tor
                  audio: torch.Tensor, text_kv, mask_frames: torch.Tensor) -> torch.Tensor:
     """x [B, in_dim, n, h, w], t [B, n], audio [B, n, A, dim] -> velocity [B, out_dim, n, h, w] (fp32)."""
     d = dit.cfg
-    B, _, n, lh, lw = x.shape
+    _, _, n, lh, lw = x.shape
     gh, gw = lh // d.patch_size[1], lw // d.patch_size[2]
     T = gh * gw
     mod = dit.time_mod(t)

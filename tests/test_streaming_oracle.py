@@ -23,7 +23,7 @@ def _stream(dit, cfg, noises, audios, ref_latent, text_kv, ops=Ops):
     steps = list(cfg.sampler.timesteps) + [cfg.sampler.refresh_timestep]
     F = cfg.cache.block_frames
     mods = [dit.time_mod(torch.full((1, F), float(t))) for t in steps]
-    C, (h, w) = cfg.dit.out_dim, cfg.latent_hw
+    h, w = cfg.latent_hw
     out = []
     for b, (noise, audio) in enumerate(zip(noises, audios)):
         mask = torch.ones(1, 1, F, h, w)

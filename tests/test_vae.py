@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from runtime.config import EngineConfig, VAEConfig
-from runtime.models.vae import (CACHE_T, LATENT_MEAN, LATENT_STD, CausalConv3d, StreamingVAEDecoder,
-                                WanVAE)
+from runtime.models.vae import CACHE_T, LATENT_MEAN, LATENT_STD, CausalConv3d, StreamingVAEDecoder, WanVAE
 
 TINY = EngineConfig.from_preset("tiny").vae
 MICRO = EngineConfig.from_preset("micro").vae

@@ -156,7 +156,7 @@ class CausalAudioDiT(nn.Module):
 
         ring_k / ring_v: [layers, B, S*T, H, D]; the block's K/V are written into them (side effect).
         """
-        B, _, nf, lh, lw = x.shape
+        _, _, nf, lh, lw = x.shape
         _, ph, pw = self.cfg.patch_size
         grid = (lh // ph, lw // pw)
         T = grid[0] * grid[1]

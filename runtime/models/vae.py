@@ -30,6 +30,8 @@ Size: the release decoder has 32 cache entries; at 512x512 (latent 64x64), batch
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -316,7 +318,7 @@ class Encoder3d(nn.Module):
         dims = [dim * u for u in (1, *dim_mult)]
         self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
         layers: list[nn.Module] = []
-        for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+        for i, (cin, cout) in enumerate(itertools.pairwise(dims)):
             for _ in range(num_res_blocks):
                 layers.append(ResidualBlock(cin, cout))
                 cin = cout
@@ -340,7 +342,7 @@ class Decoder3d(nn.Module):
         self.conv1 = CausalConv3d(z_dim, dims[0], 3, padding=1)
         self.middle = _middle(dims[0])
         layers: list[nn.Module] = []
-        for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+        for i, (cin, cout) in enumerate(itertools.pairwise(dims)):
             if i > 0:
                 cin //= 2  # the previous stage's Resample halved the channels
             for _ in range(num_res_blocks + 1):
