@@ -145,11 +145,11 @@ def stream_to_mp4(engine, audio: np.ndarray, out: Path, chunk_samples: int,
 
     from runtime.media import Mp4Writer
 
-    cfg = engine.config
-    sr = cfg.audio.sample_rate
+    sr = engine.sample_rate          # either family's engine: sample_rate, size, fps, step, flush
+    height, width = engine.size
     report = StreamReport(audio_s=len(audio) / sr)
     starts = range(0, len(audio), chunk_samples)
-    with Mp4Writer(out, cfg.width, cfg.height, cfg.fps, sr) as writer:
+    with Mp4Writer(out, width, height, engine.fps, sr) as writer:
         t0 = time.perf_counter()
 
         def take(blocks) -> None:
@@ -161,7 +161,7 @@ def stream_to_mp4(engine, audio: np.ndarray, out: Path, chunk_samples: int,
 
         bar = tqdm(starts, desc="streaming", unit="chunk", disable=not progress)
         for start in bar:
-            take(engine.step(audio[start:start + chunk_samples], sample_rate=sr))
+            take(engine.step(audio[start:start + chunk_samples], sr))
             bar.set_postfix(blocks=len(report.blocks), refresh=False)
         take(engine.flush())
         report.wall_s = time.perf_counter() - t0
@@ -216,7 +216,7 @@ def demo(
     """Stream speech through the engine and write an MP4 with per-block timings."""
     if family == "liveavatar":
         return _demo_liveavatar(out, seconds, audio, resample, image, preset, device, dtype, seed, chunk_ms,
-                                quantize)
+                                quantize, progress)
     if family != "livetalk":
         raise typer.BadParameter(f"family must be livetalk or liveavatar, got {family!r}", param_hint="--family")
     if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
@@ -254,11 +254,11 @@ def demo(
         typer.secho(warning, fg=typer.colors.YELLOW, bold=True, err=True)
 
 
-def _demo_liveavatar(out, seconds, audio, resample, image, preset, device, dtype, seed, chunk_ms, quantize) -> None:
+def _demo_liveavatar(out, seconds, audio, resample, image, preset, device, dtype, seed, chunk_ms, quantize,
+                     progress) -> None:
     """Family 2 with random weights (no release files are wired to the CLI yet)."""
     import torch
 
-    from runtime.liveavatar.demo import stream_liveavatar_to_mp4
     from runtime.liveavatar.engine import LiveAvatarEngine
     from runtime.media import load_image, synthetic_face
 
@@ -273,7 +273,7 @@ def _demo_liveavatar(out, seconds, audio, resample, image, preset, device, dtype
     samples = _load_demo_audio(audio, seconds, sr, resample, seed)
     engine.reset(load_image(image) if image else synthetic_face(*engine.size), seed=seed)
     chunk = max(1, round(chunk_ms * sr / 1000.0))
-    report = stream_liveavatar_to_mp4(engine, samples, out, chunk)
+    report = stream_to_mp4(engine, samples, out, chunk, progress=progress)
     typer.echo(format_block_table(report))
     typer.echo(format_summary(report, engine.fps))
     typer.echo(f"wrote {out}")

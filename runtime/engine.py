@@ -389,6 +389,20 @@ class Engine:
             blocks += self._feed(s, np.zeros(max(0, pad), np.float32))
         return blocks
 
+    # The stream format, named as family 2's engine names it (integrators and the CLI use either).
+    @property
+    def sample_rate(self) -> int:
+        return self.config.audio.sample_rate
+
+    @property
+    def fps(self) -> int:
+        return self.config.fps
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the video frames."""
+        return self.config.height, self.config.width
+
     @property
     def next_block(self) -> int:
         """Index of the next block the session will generate."""

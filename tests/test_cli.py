@@ -78,6 +78,18 @@ class ScriptedEngine:
         self.reference = None
         self.seed = None
 
+    @property
+    def sample_rate(self) -> int:
+        return self.config.audio.sample_rate
+
+    @property
+    def fps(self) -> int:
+        return self.config.fps
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.config.height, self.config.width
+
     def reset(self, reference_image, prompt_embeds=None, seed=0):
         self.reference, self.seed = reference_image, seed
         self._pending = np.zeros(0, np.float32)

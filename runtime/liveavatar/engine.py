@@ -4,7 +4,7 @@
     eng.reset(reference_image, seed=0)
     for chunk in audio_chunks:
         for block in eng.step(chunk, 16000):      # zero or more LiveAvatarBlocks per call
-            show(block.rgb)
+            show(block.frames)
     tail = eng.flush()                            # pads with silence, ends the stream
 
 step(chunk, sample_rate) validates the chunk (nothing changes on bad input), appends it to a bounded
@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from runtime.audio.validate import Resampler, check_chunk
+from runtime.engine import frames_uint8
 from runtime.models.streaming import StreamingDecoder
 
 from .audio_front import SAMPLE_RATE, SAMPLES_PER_VIDEO_FRAME, VIDEO_FPS, Wav2VecFrontEnd
@@ -42,18 +43,11 @@ class LiveAvatarBlock:
     index: int               # block counter of this engine (0 = first block)
     latents: torch.Tensor    # [B, 16, 3, h, w] denoised
     audio_span: tuple[int, int]  # absolute samples of the 12 video frames that drove the block
-    frames: torch.Tensor | None = None  # uint8 [B, N, H, W, 3] when a decoder is attached
+    frames: np.ndarray | None = None  # uint8 [N, H, W, 3] host copy (as family 1's VideoBlock) when decoding
     first_frame: int = 0     # output frame index of its first frame
     pts: float = 0.0         # time of its first frame, seconds
     audio: np.ndarray | None = None  # float32 16 kHz mono samples its N frames cover
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
-
-    @property
-    def rgb(self) -> np.ndarray:
-        """Batch row 0 as a uint8 [N, H, W, 3] host array (family 1's `VideoBlock.frames` layout)."""
-        if self.frames is None:
-            raise RuntimeError("this engine has no decoder: blocks carry latents only")
-        return self.frames[0].numpy()
 
 
 class SampleRing:
@@ -296,8 +290,7 @@ class LiveAvatarEngine:
                                pts=first / VIDEO_FPS, audio=self.ring.read(stop - n * SAMPLES_PER_VIDEO_FRAME, stop),
                                timings={"audio": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2, "total": t3 - t0})
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor | None:
+    def _decode(self, latents: torch.Tensor) -> np.ndarray | None:
         if self.decoder is None:
             return None
-        video = self.decoder.decode(latents.to(self.decoder.model.dtype))  # [B, 3, N, H, W] in [-1, 1]
-        return ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()
+        return frames_uint8(self.decoder.decode(latents.to(self.decoder.model.dtype)))
