@@ -855,17 +855,24 @@ class _FileSink:
         return out, ends
 
 
+def init_spawned_rank(rank: int, world_size: int, root: str, backend: str, threads: int,
+                      comm_timeout_s: float) -> tuple[torch.device, object]:
+    """Process group of a rank spawned on this machine (a FileStore under `root`): its device (cuda:rank
+    for NCCL, else the CPU) and the gloo meta group. Shared by both families' pipelines."""
+    torch.set_num_threads(threads)
+    device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    store = dist.FileStore(os.path.join(root, "store"), world_size)
+    timeout = timedelta(seconds=comm_timeout_s)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    return device, dist.new_group(backend="gloo", timeout=timeout)
+
+
 def _spawned_rank(rank: int, job: _Job, root: str, backend: str) -> None:
     """Entry point of a spawned rank. Errors go to a JSON file for the driver, then the process exits."""
     try:
-        torch.set_num_threads(job.threads)
-        device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        store = dist.FileStore(os.path.join(root, "store"), job.world_size)
-        timeout = timedelta(seconds=job.comm_timeout_s)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=job.world_size, timeout=timeout)
-        meta = dist.new_group(backend="gloo", timeout=timeout)
+        device, meta = init_spawned_rank(rank, job.world_size, root, backend, job.threads, job.comm_timeout_s)
         decode = rank == job.world_size - 1
         report = functools.partial(_report_session_error, Path(root))
         events = serve_rank(rank, job, device, _FileSink(Path(root)) if decode else None, meta, report)

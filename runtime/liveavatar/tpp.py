@@ -55,6 +55,7 @@ from runtime.pipeline import (
     _Transport,
     _wait,
     _write_json,
+    init_spawned_rank,
 )
 
 from .config import LiveAvatarConfig, resolve_config
@@ -140,14 +141,7 @@ class _Job:
 def _spawned_rank(rank: int, job: _Job, root: str, backend: str) -> None:
     """Entry point of a spawned rank. Errors go to a JSON file for the driver, then the process exits."""
     try:
-        torch.set_num_threads(job.threads)
-        device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        timeout = timedelta(seconds=job.comm_timeout_s)
-        store = dist.FileStore(os.path.join(root, "store"), job.world_size)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=job.world_size, timeout=timeout)
-        meta = dist.new_group(backend="gloo", timeout=timeout)
+        device, meta = init_spawned_rank(rank, job.world_size, root, backend, job.threads, job.comm_timeout_s)
         model = randomize_weights(build_liveavatar(job.config, dtype=getattr(torch, job.dtype)), job.weights_seed)
         inputs = torch.load(os.path.join(root, "inputs.pt"), weights_only=True)
         session = TppSession(inputs["ref"], inputs["motion"], inputs["prompt"], job.settings,
