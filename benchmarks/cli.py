@@ -16,6 +16,10 @@ import typer
 
 _DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_SECONDS = {"livetalk-1.3b": 15.0}   # others: 6 s (CPU-sized presets)
+FAMILIES = ("livetalk", "liveavatar")
+# family 1's options that have no meaning for family 2, with their defaults
+_FAMILY1_ONLY = {"--resolution": None, "--backend": "auto", "--decoder": "wan", "--compare-upstream": False,
+                 "--peak-tflops": None}
 
 
 def run_bench(engine, seconds: float, chunk_ms: float = 40.0, warmup_blocks: int = 2, rounds: int = 1,
@@ -40,7 +44,8 @@ def run_bench(engine, seconds: float, chunk_ms: float = 40.0, warmup_blocks: int
     report = {
         "tool": "avatar bench",
         "environment": environment(engine.device),
-        "settings": {**settings(engine.config, engine.device, engine.dtype, engine.ops.name, engine.decoder_name),
+        "settings": {"family": "livetalk",
+                     **settings(engine.config, engine.device, engine.dtype, engine.ops.name, engine.decoder_name),
                      "quantize": f"fp8-{engine.quantization.granularity}" if engine.quantization else None,
                      "seconds": seconds, "chunk_ms": chunk_ms, "warmup_blocks": warmup_blocks, "rounds": rounds,
                      "dit_blocks": dit_blocks, "seed": seed, "peak_tflops": peak, "random_weights": True},
@@ -95,6 +100,9 @@ def _config(preset: str, resolution: str | None):
     """The preset's config, at `resolution` ("HxW", e.g. 480x832) when given."""
     from runtime.config import PRESETS, EngineConfig
 
+    if preset not in PRESETS and preset in _liveavatar_presets():
+        raise typer.BadParameter(f"{preset!r} is a Live Avatar preset: add --family liveavatar",
+                                 param_hint="--preset")
     if preset not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}",
                                  param_hint="--preset")
@@ -117,12 +125,7 @@ def _build_engine(cfg, device: str | None, dtype: str | None, backend: str, seed
 
     from runtime.engine import Engine
 
-    if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
-        raise typer.BadParameter(f"device must be cpu or cuda[:N], got {device!r}", param_hint="--device")
-    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
-        raise typer.BadParameter("CUDA is not available on this machine", param_hint="--device")
-    if dtype is not None and dtype not in _DTYPES:
-        raise typer.BadParameter(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
+    _check_device_dtype(device, dtype)
     if decoder not in ("wan", "taehv"):
         raise typer.BadParameter(f"decoder must be wan or taehv, got {decoder!r}", param_hint="--decoder")
     try:
@@ -133,9 +136,94 @@ def _build_engine(cfg, device: str | None, dtype: str | None, backend: str, seed
                                  else "--backend") from e
 
 
+def _check_device_dtype(device: str | None, dtype: str | None) -> None:
+    import torch
+
+    if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"device must be cpu or cuda[:N], got {device!r}", param_hint="--device")
+    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+        raise typer.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    if dtype is not None and dtype not in _DTYPES:
+        raise typer.BadParameter(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
+
+
+def _liveavatar_presets() -> tuple[str, ...]:
+    from runtime.liveavatar.presets import ENGINE_PRESETS
+
+    return tuple(sorted(ENGINE_PRESETS))
+
+
+def _check_liveavatar_args(preset: str, family1_options: dict) -> None:
+    """Family 2's preset, and no family-1-only option set (each error names its option)."""
+    if preset not in _liveavatar_presets():
+        raise typer.BadParameter(f"unknown Live Avatar preset {preset!r}; known: {', '.join(_liveavatar_presets())}"
+                                 " (family livetalk presets need --family livetalk)", param_hint="--preset")
+    for option, value in family1_options.items():
+        if value != _FAMILY1_ONLY[option]:
+            raise typer.BadParameter("applies to --family livetalk only", param_hint=option)
+
+
+def _fits_on_device(preset: str, device, quantize: str | None) -> None:
+    """On CUDA, refuse early (naming --preset) when the session alone cannot fit in the device's memory."""
+    import torch
+
+    from .liveavatar import memory_budget
+
+    if device.type != "cuda":
+        return
+    need = memory_budget(preset, quantize)["total_gb"]
+    have = torch.cuda.get_device_properties(device).total_memory / 1e9
+    if need > have:
+        raise typer.BadParameter(f"{preset} needs {need:.1f} GB before activations (weights + 4 KV rings + "
+                                 f"condition), the device has {have:.1f} GB: use --quantize fp8 or a larger GPU",
+                                 param_hint="--preset")
+
+
+def _liveavatar_engine(preset: str, device: str | None, dtype: str | None, seed: int, quantize: str | None):
+    import torch
+
+    from runtime.engine import _FP8_MODES, _default_device_dtype
+    from runtime.liveavatar import LiveAvatarEngine
+
+    _check_device_dtype(device, dtype)
+    if quantize is not None and quantize not in _FP8_MODES:
+        raise typer.BadParameter(f"quantize must be None or one of {', '.join(_FP8_MODES)}, got {quantize!r}",
+                                 param_hint="--quantize")
+    dev, dt = _default_device_dtype(device, getattr(torch, dtype) if dtype else None)
+    _fits_on_device(preset, dev, _FP8_MODES[quantize] if quantize else None)
+    try:
+        return LiveAvatarEngine.random(preset, device=dev, dtype=dt, seed=seed, quantize=quantize, device_init=True)
+    except (ValueError, RuntimeError) as e:  # e.g. an FP8 mode this device cannot run
+        raise typer.BadParameter(str(e), param_hint="--quantize" if quantize else "--device") from e
+
+
+def _bench_liveavatar(preset: str, device, dtype, seconds, chunk_ms, warmup_blocks, rounds, dit_blocks, seed,
+                      quantize) -> dict:
+    from .liveavatar import run_liveavatar_bench, seconds_for_blocks
+
+    engine = _liveavatar_engine(preset, device, dtype, seed, quantize)
+    secs = 6.0 if seconds is None else seconds
+    if secs < seconds_for_blocks(engine, 2):
+        raise typer.BadParameter(f"{secs} s of audio gives fewer than 2 blocks; need >= "
+                                 f"{seconds_for_blocks(engine, 2):.3f} s", param_hint="--seconds")
+    return run_liveavatar_bench(engine, preset, secs, chunk_ms, warmup_blocks, rounds, dit_blocks, seed)
+
+
+def _write_report(report: dict, table: str, json_out: Path | None) -> None:
+    typer.echo(table)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+        typer.echo(f"wrote {json_out}")
+
+
 def bench(
-    preset: Annotated[str, typer.Option("--preset", help="Config preset (tiny, livetalk-1.3b, ...): random "
-                                        "weights of its real shapes.")] = "tiny",
+    family: Annotated[str, typer.Option("--family", help="livetalk (family 1, runtime.engine) or liveavatar "
+                                        "(family 2, runtime.liveavatar: presets tiny, liveavatar-14b).")]
+    = "livetalk",
+    preset: Annotated[str, typer.Option("--preset", help="Config preset (tiny, livetalk-1.3b, ...; "
+                                        "liveavatar-14b with --family liveavatar): random weights of its real "
+                                        "shapes.")] = "tiny",
     resolution: Annotated[str | None, typer.Option("--resolution", help="HxW instead of the preset's "
                                                    "(e.g. 480x832).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu or cuda[:N] (default: cuda if available).")] = None,
@@ -148,7 +236,8 @@ def bench(
     chunk_ms: Annotated[float, typer.Option("--chunk-ms", min=1.0, help="Audio pushed per step() call.")] = 40.0,
     warmup_blocks: Annotated[int, typer.Option("--warmup-blocks", min=0, help="Untimed blocks first.")] = 2,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="Measured sessions (medians over all).")] = 1,
-    dit_blocks: Annotated[int, typer.Option("--dit-blocks", min=1, help="Steady-state DiT blocks per round.")] = 8,
+    dit_blocks: Annotated[int, typer.Option("--dit-blocks", min=1, help="Steady-state DiT blocks per round "
+                                            "(liveavatar: DiT forwards, one denoising step each).")] = 8,
     json_out: Annotated[Path | None, typer.Option("--json", dir_okay=False, help="Write the report here.")] = None,
     compare_upstream: Annotated[bool, typer.Option("--compare-upstream", help="Also time the plain eager "
                                                    "upstream-structured DiT path and print the ratio.")] = False,
@@ -160,7 +249,24 @@ def bench(
     quantize: Annotated[str | None, typer.Option("--quantize", help="fp8 (per-tensor scales) or fp8-row "
                                                  "(per token / channel): FP8 DiT linears.")] = None,
 ) -> None:
-    """Measure per-block latency, FPS, first-frame latency, memory and TFLOP/s; print a table, write JSON."""
+    """Measure per-block latency, FPS, first-frame latency, memory and TFLOP/s; print a table, write JSON.
+
+    --family liveavatar: per-block p50/p99, FPS, first-block latency, stage medians, peak memory and a
+    DiT-only forward of one device (weights drawn on the device). liveavatar-14b holds 77.6 GB before
+    activations in bf16 (weights 32.6 + 4 KV rings of 10.4 at 384x704 + condition 2.2 + text K/V, VAE,
+    wav2vec2 1.3): an H200 (141 GB) runs it; an 80 GB H100 leaves about 5 GB for activations (tight);
+    --quantize fp8 makes it 61.6 GB. Live Avatar's own deployment is TPP over 5 GPUs (docs/liveavatar.md)."""
+    if family not in FAMILIES:
+        raise typer.BadParameter(f"family must be one of {', '.join(FAMILIES)}, got {family!r}", param_hint="--family")
+    if family == "liveavatar":
+        _check_liveavatar_args(preset, {"--resolution": resolution, "--backend": backend, "--decoder": decoder,
+                                        "--compare-upstream": compare_upstream, "--peak-tflops": peak_tflops})
+        from .liveavatar import format_table as liveavatar_table
+
+        report = _bench_liveavatar(preset, device, dtype, seconds, chunk_ms, warmup_blocks, rounds, dit_blocks,
+                                   seed, quantize)
+        _write_report(report, liveavatar_table(report), json_out)
+        return
     engine = _build_engine(_config(preset, resolution), device, dtype, backend, seed, decoder, quantize)
     from .harness import blocks_in_audio, seconds_for_blocks
 
@@ -173,11 +279,7 @@ def bench(
         typer.secho("NOTE: the 1.3B shape on the CPU takes minutes per block; use --device cuda.",
                     fg=typer.colors.YELLOW, err=True)
     report = run_bench(engine, secs, chunk_ms, warmup_blocks, rounds, dit_blocks, compare_upstream, seed, peak_tflops)
-    typer.echo(format_table(report))
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
-        typer.echo(f"wrote {json_out}")
+    _write_report(report, format_table(report), json_out)
 
 
 # Standalone: `python -m benchmarks.cli --preset tiny` (the same command `avatar bench` mounts).

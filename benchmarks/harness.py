@@ -218,6 +218,37 @@ def blocks_in_audio(cfg: EngineConfig, samples: int) -> int:
 
 # ---- end to end -----------------------------------------------------------------------------------
 
+def block_shares(spans: list[float], outputs: list[list]) -> tuple[list[tuple[float, object]], float]:
+    """Attribute a streamed round's step() spans to the blocks they returned.
+
+    spans[i] is the i-th step() call's duration and outputs[i] the blocks it returned. A block's
+    latency is its call's span divided by the blocks that call returned. Block 0 is the first-frame
+    figure and is left out. Returns ([(seconds, block) for every later block], seconds from block 0's
+    share to the last block's return: the steady-state wall time FPS is computed over)."""
+    with_blocks = [i for i, blocks in enumerate(outputs) if blocks]
+    if not with_blocks:
+        raise ValueError("no step() call returned a block")
+    first, last = with_blocks[0], with_blocks[-1]
+    shares = []
+    for i in range(first, last + 1):
+        share = spans[i] / len(outputs[i]) if outputs[i] else 0.0
+        shares += [(share, blk) for blk in (outputs[i][1:] if i == first else outputs[i])]
+    n_first = len(outputs[first])
+    return shares, spans[first] * (n_first - 1) / n_first + sum(spans[first + 1:last + 1])
+
+
+def stage_samples(blocks) -> dict[str, list[float]]:
+    """Each stage's seconds over `blocks` (their `timings` dicts), by stage name."""
+    stages: dict[str, list[float]] = {}
+    for blk in blocks:
+        for name, sec in blk.timings.items():
+            stages.setdefault(name, []).append(sec)
+    return stages
+
+
+def stage_medians_ms(stages: dict[str, list[float]]) -> dict[str, float]:
+    return {name: float(np.median(values) * 1e3) for name, values in stages.items() if values}
+
 @dataclass
 class _StreamRound:
     first_frame_s: float
@@ -297,22 +328,15 @@ class EngineBench:
         self.rounds.append(self._round(spans["step"], spans["first"][0], outputs, first))
 
     def _round(self, spans: list[float], first_frame_s: float, outputs: list[list], first: int) -> _StreamRound:
-        last = max(i for i, blocks in enumerate(outputs) if blocks)
+        shares, seconds = block_shares(spans, outputs)
         block_s, frames, flops = [], 0, 0.0
-        stages: dict[str, list[float]] = {}
-        for i in range(first, last + 1):
-            share = spans[i] / len(outputs[i]) if outputs[i] else 0.0
-            for blk in outputs[i][1:] if i == first else outputs[i]:  # block 0 is the first-frame figure
-                block_s.append(share)
-                frames += blk.num_frames
-                flops += block_flops(self.cfg, self.engine.decoder_name, blk.index).total
-                for name, sec in blk.timings.items():
-                    stages.setdefault(name, []).append(sec)
-        # time after the first block: the rest of its step() call's share, then every call up to the last block
-        n_first = len(outputs[first])
-        seconds = spans[first] * (n_first - 1) / n_first + sum(spans[first + 1:last + 1])
+        for share, blk in shares:
+            block_s.append(share)
+            frames += blk.num_frames
+            flops += block_flops(self.cfg, self.engine.decoder_name, blk.index).total
         return _StreamRound(first_frame_s=first_frame_s, block_s=block_s, frames=frames, seconds=seconds,
-                            flops=flops, stages=stages, push_s=[s for s, blocks in zip(spans, outputs) if not blocks])
+                            flops=flops, stages=stage_samples(blk for _, blk in shares),
+                            push_s=[s for s, blocks in zip(spans, outputs) if not blocks])
 
     def measurement(self) -> dict:
         """The figures over every round so far (call run_round at least once)."""

@@ -25,14 +25,18 @@ from .fp8 import quantize_liveavatar_fp8
 from .loading import load_liveavatar
 from .model import build_liveavatar
 from .presets import EnginePreset, engine_preset, random_wav2vec2
-from .random_weights import randomize_weights
+from .random_weights import materialize_random, randomize_weights
 
 
-def random_engine(cls, preset: str, device, dtype, seed: int, quantize: str | None, decoder: bool):
+def random_engine(cls, preset: str, device, dtype, seed: int, quantize: str | None, decoder: bool,
+                  device_init: bool = False):
     p = engine_preset(preset)
     check_quantize(quantize)
     device, dtype = _default_device_dtype(device, dtype)
-    model = randomize_weights(build_liveavatar(p.dit, device=device, dtype=dtype), seed)
+    if device_init:  # built on meta, each parameter drawn where it lives (no host copy of 32.6 GB)
+        model = materialize_random(build_liveavatar(p.dit, device="meta"), device, dtype, seed)
+    else:
+        model = randomize_weights(build_liveavatar(p.dit, device=device, dtype=dtype), seed)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)  # the VAE's own init, seeded without touching the caller's RNG
         with torch.device(device):

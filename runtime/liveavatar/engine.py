@@ -93,6 +93,8 @@ class SampleRing:
 class LiveAvatarEngine:
     fps = VIDEO_FPS
     sample_rate = SAMPLE_RATE
+    # the clock of LiveAvatarBlock.timings: host stamps; benchmarks swap in one that syncs the device first
+    stage_clock = staticmethod(time.perf_counter)
 
     def __init__(self, stream: LiveAvatarStream | None, front: Wav2VecFrontEnd,
                  decoder: StreamingDecoder | None = None, *, model=None, vae=None,
@@ -124,10 +126,12 @@ class LiveAvatarEngine:
     # ---- construction (runtime/liveavatar/build.py) -----------------------------------------------
     @classmethod
     def random(cls, preset: str = "tiny", device=None, dtype=None, seed: int = 0, quantize: str | None = None,
-               decoder: bool = True) -> LiveAvatarEngine:
-        """Random weights of a preset's shapes (tiny: tests and demos; liveavatar-14b: benchmarks)."""
+               decoder: bool = True, device_init: bool = False) -> LiveAvatarEngine:
+        """Random weights of a preset's shapes (tiny: tests and demos; liveavatar-14b: benchmarks).
+        `device_init`: draw the trunk's weights on the device (random_weights.materialize_random), not
+        on the host: what makes the 14B trunk buildable in seconds on one GPU."""
         from .build import random_engine
-        return random_engine(cls, preset, device, dtype, seed, quantize, decoder)
+        return random_engine(cls, preset, device, dtype, seed, quantize, decoder, device_init)
 
     @classmethod
     def from_pretrained(cls, trunk_dir, lora_path, vae_path, wav2vec_dir, device=None, dtype=None,
@@ -274,7 +278,7 @@ class LiveAvatarEngine:
         return out
 
     def _run_block(self, w) -> LiveAvatarBlock:
-        clock = time.perf_counter
+        clock = self.stage_clock
         t0 = clock()
         feats = self.front.features(w, self.ring.read(w.start, w.stop))
         t1 = clock()
