@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks owed in docs/benchmarks.md, in groups that each fit a 10-minute device call.
 #
-#   bash scripts/gpu_checks.sh OUT_DIR [install] [tests] [kernels] [e2e-512] [e2e-480] [e2e-fp8] [graphs] [all]
+#   bash scripts/gpu_checks.sh OUT_DIR [install] [tests] [kernels] [e2e-512] [e2e-480] [e2e-fp8] [e2e-liveavatar] [graphs] [all]
 #
 # Every check writes its log (and JSON where it has one) under OUT_DIR and the script goes on after a
 # failure, so one call brings back everything it got; the summary at the end says which passed.
@@ -10,7 +10,7 @@
 # scikit-build-core, and no internet): run it first on a fresh machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: gpu_checks.sh OUT_DIR [install|tests|kernels|e2e-512|e2e-480|e2e-fp8|graphs|all]...}
+out=${1:?usage: gpu_checks.sh OUT_DIR [install|tests|kernels|e2e-512|e2e-480|e2e-fp8|e2e-liveavatar|graphs|all]...}
 shift
 mkdir -p "$out"
 groups=("$@")
@@ -59,5 +59,13 @@ fi
 if want e2e-480; then
     check e2e-480 python -m benchmarks.cli --preset livetalk-1.3b --device cuda --dtype bfloat16 \
         --resolution 480x832 --compare-upstream --json "$out/e2e-480.json"
+fi
+if want e2e-liveavatar; then  # family 2 on one GPU: the 14B bf16 session holds 77.6 GB (an H200; tight on 80 GB)
+    check la-tiny python -m benchmarks.cli --family liveavatar --preset tiny --device cpu --seconds 2 \
+        --json "$out/la-tiny.json"
+    check la-14b python -m benchmarks.cli --family liveavatar --preset liveavatar-14b --device cuda \
+        --dtype bfloat16 --json "$out/la-14b.json"
+    check la-14b-fp8 python -m benchmarks.cli --family liveavatar --preset liveavatar-14b --device cuda \
+        --dtype bfloat16 --quantize fp8 --json "$out/la-14b-fp8.json"
 fi
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
