@@ -254,7 +254,7 @@ def bench(
     --family liveavatar: per-block p50/p99, FPS, first-block latency, stage medians, peak memory and a
     DiT-only forward of one device (weights drawn on the device). liveavatar-14b holds 77.6 GB before
     activations in bf16 (weights 32.6 + 4 KV rings of 10.4 at 384x704 + condition 2.2 + text K/V, VAE,
-    wav2vec2 1.3): an H200 (141 GB) runs it; an 80 GB H100 leaves about 5 GB for activations (tight);
+    wav2vec2 1.3): an H200 (141 GB) runs it; an 80 GB H100 leaves about 6 GiB for activations (tight);
     --quantize fp8 makes it 61.6 GB. Live Avatar's own deployment is TPP over 5 GPUs (docs/liveavatar.md)."""
     if family not in FAMILIES:
         raise typer.BadParameter(f"family must be one of {', '.join(FAMILIES)}, got {family!r}", param_hint="--family")
