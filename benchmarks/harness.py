@@ -249,6 +249,24 @@ def stage_samples(blocks) -> dict[str, list[float]]:
 def stage_medians_ms(stages: dict[str, list[float]]) -> dict[str, float]:
     return {name: float(np.median(values) * 1e3) for name, values in stages.items() if values}
 
+def audio_chunks(audio, chunk: int):
+    """`audio` in pieces of `chunk` samples (the last one shorter), as a caller streams it."""
+    for start in range(0, len(audio), chunk):
+        yield audio[start:start + chunk]
+
+
+def stream_warmup(engine, image, seed: int, chunks, blocks: int) -> None:
+    """A throwaway session of either family's engine until `blocks` blocks came out; never timed."""
+    if not blocks:
+        return
+    engine.reset(image, seed=seed)
+    done = 0
+    for chunk in chunks:
+        done += len(engine.step(chunk, engine.sample_rate))
+        if done >= blocks:
+            break
+
+
 @dataclass
 class _StreamRound:
     first_frame_s: float
@@ -287,19 +305,11 @@ class EngineBench:
         self.rounds: list[_StreamRound] = []
 
     def _chunks(self):
-        for start in range(0, len(self.audio), self.chunk):
-            yield self.audio[start:start + self.chunk]
+        return audio_chunks(self.audio, self.chunk)
 
     def warmup(self) -> None:
         """Stream a throwaway session until `warmup_blocks` blocks came out (block 0 and later shapes)."""
-        if not self.warmup_blocks:
-            return
-        self.engine.reset(self.image, seed=self.seed)
-        done = 0
-        for chunk in self._chunks():
-            done += len(self.engine.step(chunk, sample_rate=self.cfg.audio.sample_rate))
-            if done >= self.warmup_blocks:
-                break
+        stream_warmup(self.engine, self.image, self.seed, self._chunks(), self.warmup_blocks)
 
     def prepare(self) -> None:
         """A fresh session (reference image encoded): untimed."""

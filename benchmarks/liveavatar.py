@@ -22,11 +22,13 @@ from runtime.profiling import Timer, nvtx_range
 from .harness import (
     PeakMemory,
     _run,
+    audio_chunks,
     block_shares,
     environment,
     latency_stats,
     stage_medians_ms,
     stage_samples,
+    stream_warmup,
     timer_name,
 )
 
@@ -172,19 +174,11 @@ class StreamBench:
             engine.stage_clock = synced_clock(self.device)
 
     def _chunks(self):
-        for start in range(0, len(self.audio), self.chunk):
-            yield self.audio[start:start + self.chunk]
+        return audio_chunks(self.audio, self.chunk)
 
     def warmup(self) -> None:
         """A throwaway session until `warmup_blocks` blocks came out; never timed."""
-        if not self.warmup_blocks:
-            return
-        self.engine.reset(self.image, seed=self.seed)
-        done = 0
-        for chunk in self._chunks():
-            done += len(self.engine.step(chunk, sample_rate=SAMPLE_RATE))
-            if done >= self.warmup_blocks:
-                break
+        stream_warmup(self.engine, self.image, self.seed, self._chunks(), self.warmup_blocks)
 
     def prepare(self) -> None:
         self.engine.reset(self.image, seed=self.seed)
