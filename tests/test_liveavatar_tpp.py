@@ -6,11 +6,14 @@ The first run of the module starts the forkserver (imports once); later runs tak
 import multiprocessing
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from runtime.liveavatar import LiveAvatarStream, StreamSettings, build_liveavatar, randomize_weights
+from runtime.liveavatar.engine import LiveAvatarEngine
 from runtime.liveavatar.tpp import PipelineError, TppLayout, run_liveavatar_tpp
+from runtime.liveavatar.tpp_engine import run_liveavatar_tpp_audio
 from runtime.liveavatar.tpp_step import NoiseSource, StepState
 from tests.test_liveavatar_forward import TINY
 
@@ -166,3 +169,68 @@ def test_layout_roles():
     layout = TppLayout(5, 4)
     assert [layout.role(r) for r in range(5)] == ["step 0 + audio", "step 1", "step 2", "step 3", "collect"]
     assert (layout.output_rank, TppLayout(4, 4).output_rank, TppLayout(4, 4).collect_rank) == (4, 3, None)
+
+
+# ---- end to end: audio and a reference image in, decoded blocks out (decode rank) ---------------------
+
+AV_SEED, AV_SAMPLES = 5, 49920  # 6.5 blocks of 7680 samples: flush pads the 7th with silence
+
+
+@pytest.fixture(scope="module")
+def av_inputs():
+    rng = np.random.default_rng(0)
+    return rng.uniform(-0.5, 0.5, AV_SAMPLES).astype(np.float32), rng.integers(0, 256, (72, 80, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def engine_blocks(av_inputs):
+    audio, image = av_inputs
+    eng = LiveAvatarEngine.random("tiny", seed=WEIGHTS_SEED)
+    eng.reset(image, seed=AV_SEED)
+    return eng.step(audio, 16000) + eng.flush()
+
+
+def test_tpp_audio_to_frames_equals_engine(av_inputs, engine_blocks):
+    audio, image = av_inputs
+    run = run_liveavatar_tpp_audio("tiny", audio, image, seed=AV_SEED, weights_seed=WEIGHTS_SEED, timeout_s=120)
+    assert len(engine_blocks) == 7 and len(run.blocks) == len(engine_blocks)
+    for got, want in zip(run.blocks, engine_blocks):
+        b = want.index
+        assert got.index == b and got.audio_span == want.audio_span and got.first_frame == want.first_frame
+        assert got.pts == want.pts, f"block {b}"
+        assert got.frames.dtype == np.uint8 and np.array_equal(got.frames, want.frames), f"block {b} frames"
+        assert got.audio.dtype == np.float32 and np.array_equal(got.audio, want.audio), f"block {b} audio"
+        assert torch.equal(got.latents, want.latents), f"block {b} latents"
+    decode_rank = TINY.num_steps
+    assert sorted(e.block for e in run.trace if e.stage == "decode" and e.rank == decode_rank) == list(range(7))
+    assert sorted((e.rank, e.block) for e in run.trace if e.stage == "audio") == [(0, b) for b in range(7)]
+    assert no_rank_left()
+
+
+def test_tpp_audio_decode_failure_names_the_rank(av_inputs):
+    audio, image = av_inputs
+    with pytest.raises(PipelineError) as info:
+        run_liveavatar_tpp_audio("tiny", audio, image, seed=AV_SEED, weights_seed=WEIGHTS_SEED, timeout_s=120,
+                                 fail_at="4:decode:2")
+    e = info.value
+    assert (e.rank, e.stage, e.block, e.role) == (4, "decode", 2, "decode")
+    assert "pipeline rank 4 (decode) failed in stage 'decode' (session 0, block 2)" in str(e)
+    assert no_rank_left()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"world_size": 4}, "world_size must be 5"),
+    ({"fail_at": "4:emit:0", "world_size": 6}, "world_size must be 4"),
+    ({"fail_at": "3:decode"}, r"rank 3 \(step 3\) runs only denoise"),
+    ({"sample_rate": 8000}, "sample rate"),
+])
+def test_tpp_audio_bad_arguments_fail_before_spawning(av_inputs, kwargs, match):
+    audio, image = av_inputs
+    with pytest.raises(ValueError, match=match):
+        run_liveavatar_tpp_audio("tiny", audio, image, **kwargs)
+    assert no_rank_left()
+
+
+def test_decode_layout_roles():
+    layout = TppLayout(5, 4, decode=True)
+    assert (layout.role(4), layout.stages(4), layout.stages(0)) == ("decode", ("decode", "emit"), ("audio", "denoise"))

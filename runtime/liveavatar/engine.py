@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -48,6 +49,22 @@ class LiveAvatarBlock:
     pts: float = 0.0         # time of its first frame, seconds
     audio: np.ndarray | None = None  # float32 16 kHz mono samples its N frames cover
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+class BlockPlace(NamedTuple):
+    span: tuple[int, int]     # absolute samples of the video frames that drive the block
+    first_frame: int          # output frame index of its first frame
+    pts: float                # time of its first frame, seconds
+    covered: tuple[int, int]  # absolute samples its output frames cover
+
+
+def _samples(audio: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """audio[start:stop] as a new float32 array, zeros outside [0, len(audio)) (as SampleRing.read + padding)."""
+    out = np.zeros(stop - start, dtype=np.float32)
+    lo, hi = max(start, 0), min(stop, len(audio))
+    if hi > lo:
+        out[lo - start:hi - start] = audio[lo:hi]
+    return out
 
 
 class SampleRing:
@@ -155,6 +172,15 @@ class LiveAvatarEngine:
             if prompt_embeds is not None or seed is not None:
                 raise ValueError("prompt_embeds and seed start a new stream: pass reference_image too")
             return self._restart()
+        ref, motion, embeds, settings = self.session_inputs(reference_image, prompt_embeds, seed)
+        self.stream = None  # free the old rings before the new ones are allocated (10 GB each at 14B)
+        self.stream = LiveAvatarStream(self.model, ref, motion, embeds, settings)
+        self.settings = settings
+        self._restart()
+
+    def session_inputs(self, reference_image, prompt_embeds=None, seed: int | None = None):
+        """What `reset(reference_image, prompt_embeds, seed)` starts a stream from, without starting one:
+        (ref_latent, motion_latents, prompt_embeds, settings) in the model's dtype (TPP ranks use it)."""
         if self.vae is None or self.size is None:
             raise RuntimeError("this engine has no VAE to encode a reference image (build it with a decoder "
                                "or vae=)")
@@ -162,11 +188,8 @@ class LiveAvatarEngine:
         embeds = prompt_tensor(prompt_embeds, self.model.cfg)
         settings = dataclasses.replace(self.settings, seed=0 if seed is None else seed)
         ref, motion = encode_reference(self.vae, pixels, self.model.cfg.motion_frames)
-        self.stream = None  # free the old rings before the new ones are allocated (10 GB each at 14B)
-        self.stream = LiveAvatarStream(self.model, ref.to(self.model.dtype), motion.to(self.model.dtype),
-                                       embeds.to(ref.device, self.model.dtype), settings)
-        self.settings = settings
-        self._restart()
+        dtype = self.model.dtype
+        return ref.to(dtype), motion.to(dtype), embeds.to(ref.device, dtype), settings
 
     def _restart(self) -> None:
         self.ring.clear()
@@ -244,6 +267,30 @@ class LiveAvatarEngine:
         return max(0, self.ring.total - self._block_start(self.blocks))
 
     # ---- internals ------------------------------------------------------------------------------
+    def blocks_covering(self, num_samples: int) -> int:
+        """How many blocks `flush()` makes of a stream of `num_samples` pushed samples."""
+        frames = -(-num_samples // SAMPLES_PER_VIDEO_FRAME)
+        return -(-frames // self.front.settings.block_video_frames)
+
+    def block_place(self, block: int) -> BlockPlace:
+        """Where block `block` of a stream sits on the output timeline (pure arithmetic)."""
+        per_block = self.front.settings.block_video_frames
+        n = per_block - (3 if block == 0 else 0)  # the causal decode makes 1 + 4 * (F - 1) frames first
+        first = max(0, block * per_block - 3)
+        stop = self._block_start(block + 1)
+        return BlockPlace((self._block_start(block), stop), first, first / VIDEO_FPS,
+                          (stop - n * SAMPLES_PER_VIDEO_FRAME, stop))
+
+    def block_features(self, audio: np.ndarray, block: int) -> torch.Tensor:
+        """The wav2vec2 features of block `block` of a stream whose whole audio is `audio` (16 kHz
+        float32), as `step(audio)` then `flush()` computes them (zeros before 0 and past the end)."""
+        w = self.front.planner.window(block)
+        return self.front.features(w, _samples(audio, w.start, w.stop))
+
+    def covered_audio(self, audio: np.ndarray, block: int) -> np.ndarray:
+        """The samples block `block`'s frames cover (`LiveAvatarBlock.audio`), from the whole audio."""
+        return _samples(audio, *self.block_place(block).covered)
+
     def _block_start(self, block: int) -> int:
         """First sample of the audio that drives `block`."""
         return block * self.front.settings.block_video_frames * SAMPLES_PER_VIDEO_FRAME
@@ -251,8 +298,7 @@ class LiveAvatarEngine:
     def _cover_pushed_audio(self) -> list[LiveAvatarBlock]:
         out = self._feed(self.resampler.flush()) if self.resampler is not None else []
         self.resampler = None  # flushed: a later segment starts a fresh delay line
-        frames = -(-self.ring.total // SAMPLES_PER_VIDEO_FRAME)
-        target = -(-frames // self.front.settings.block_video_frames)
+        target = self.blocks_covering(self.ring.total)
         if target > self.blocks:
             out += self._pad_to(self.front.planner.window(target - 1).stop)
         return out
@@ -286,13 +332,9 @@ class LiveAvatarEngine:
         t2 = clock()
         frames = self._decode(latents)
         t3 = clock()
-        b, per_block = self.blocks, self.front.settings.block_video_frames
-        n = per_block - (3 if b == 0 else 0)  # the causal decode makes 1 + 4 * (F - 1) frames first
-        first = max(0, b * per_block - 3)
-        stop = self._block_start(b + 1)
-        return LiveAvatarBlock(b, latents, (self._block_start(b), stop), frames, first_frame=first,
-                               pts=first / VIDEO_FPS, audio=self.ring.read(stop - n * SAMPLES_PER_VIDEO_FRAME, stop),
-                               timings={"audio": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2, "total": t3 - t0})
+        p = self.block_place(self.blocks)
+        return LiveAvatarBlock(self.blocks, latents, p.span, frames, first_frame=p.first_frame, pts=p.pts,
+                               audio=self.ring.read(*p.covered), timings={"audio": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2, "total": t3 - t0})
 
     def _decode(self, latents: torch.Tensor) -> np.ndarray | None:
         if self.decoder is None:

@@ -63,7 +63,7 @@ from .model import LiveAvatarDiT, build_liveavatar
 from .random_weights import randomize_weights
 from .stream import StreamSettings
 from .tpp_layout import DEFAULT_SETTINGS, TppLayout, TppSession
-from .tpp_ranks import _collect, _StepRank
+from .tpp_ranks import BlockDecoder, _collect, _StepRank
 from .tpp_step import StepState
 
 __all__ = ["PipelineError", "TppLayout", "TppRun", "TppSession", "init_torchrun_rank", "run_liveavatar_tpp",
@@ -73,16 +73,24 @@ Sink = Callable[[int, torch.Tensor], None]
 
 
 def serve_rank(rank: int, world_size: int, model: LiveAvatarDiT, session: TppSession, device: torch.device,
-               meta_group, sink: Sink | None = None, *, fail_at: str | FailSpec | None = None,
-               step_sleep_s: float = 0.0) -> list[StageEvent]:
+               meta_group, sink: Sink | None = None, *, decode: bool = False, decoder: BlockDecoder | None = None,
+               fail_at: str | FailSpec | None = None, step_sleep_s: float = 0.0) -> list[StageEvent]:
     """This rank's part of one session, to the stream's end; returns its stage trace.
 
     The default process group (NCCL or gloo) and `meta_group` (gloo) must exist; `model` is on `device`
     with the same weights on every rank. The output rank (collect rank, else the last step rank) calls
-    `sink(block_counter, latents)` per block. fail_at ("RANK:STAGE[:BLOCK]") and step_sleep_s (a sleep
+    `sink(block_counter, latents)` per block. `decode` (every rank): the collect rank is a decode rank;
+    it needs `decoder` (its sink then gets `decoder.decode(...)`'s result) and rank 0 needs
+    `session.block_audio`. fail_at ("RANK:STAGE[:BLOCK]") and step_sleep_s (a sleep
     after every denoising step, no CPU) are test hooks.
     """
-    layout = TppLayout(world_size, model.cfg.num_steps)
+    layout = TppLayout(world_size, model.cfg.num_steps, decode)
+    if decode and layout.collect_rank is None:
+        raise ValueError(f"decoding needs a decode rank: world_size {model.cfg.num_steps + 1}, got {world_size}")
+    if decode and rank == layout.collect_rank and decoder is None:
+        raise ValueError(f"rank {rank} decodes: it needs a decoder")
+    if decode and rank == 0 and session.block_audio is None:
+        raise ValueError("rank 0 sends the decode rank each block's audio: the session needs block_audio")
     fail = FailSpec.parse(fail_at)
     if fail is not None:
         layout.check_fail(fail)
@@ -95,7 +103,7 @@ def serve_rank(rank: int, world_size: int, model: LiveAvatarDiT, session: TppSes
     if rank == layout.collect_rank:
         B, C, _, lh, lw = session.ref_latent.shape
         _collect(ctx, layout, (B, C, model.cfg.block_frames, lh, lw), model.dtype, session.settings.start_block,
-                 sink)
+                 sink, decoder if decode else None)
     else:
         state = StepState(model, rank, session.ref_latent.to(device), session.motion_latents.to(device),
                           session.prompt_embeds.to(device), session.settings)
@@ -170,7 +178,7 @@ def _report_error(root: Path, rank: int, job: _Job, e: BaseException) -> None:
                 "cause": e.cause}
     else:
         try:
-            role = TppLayout(job.world_size, job.config.num_steps).role(rank)
+            role = TppLayout(job.world_size, job.config.num_steps, getattr(job, "decode", False)).role(rank)
         except ValueError:
             role = "?"
         info = {"role": role, "stage": "setup", "session": -1, "block": -1, "transfer": False,
@@ -232,11 +240,13 @@ def run_liveavatar_tpp(config: LiveAvatarConfig | str, features_per_block: Seque
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _start(job: _Job, root: Path, backend: str, start_method: str) -> list:
+def _start(job, root: Path, backend: str, start_method: str, target=None) -> list:
+    """Spawns job.world_size processes of `target(rank, job, root, backend)` (default: `_spawned_rank`)."""
+    target = target or _spawned_rank
     ctx = _process_context(start_method)
-    if start_method == "forkserver":  # import this module once in the server too, not in every rank
-        ctx.set_forkserver_preload(["runtime.pipeline", __name__])
-    procs = [ctx.Process(target=_spawned_rank, args=(r, job, str(root), backend), daemon=True,
+    if start_method == "forkserver":  # import the rank's module once in the server too, not in every rank
+        ctx.set_forkserver_preload(list(dict.fromkeys(["runtime.pipeline", __name__, target.__module__])))
+    procs = [ctx.Process(target=target, args=(r, job, str(root), backend), daemon=True,
                          name=f"tpp-rank{r}") for r in range(job.world_size)]
     try:
         for p in procs:

@@ -11,7 +11,7 @@ from runtime.pipeline import FailSpec
 from .stream import StreamSettings
 
 KIND_BLOCK, KIND_END = 1, 2
-TAG_HEADER, TAG_GLOBAL, TAG_LOCAL, TAG_X, TAG_SINK = 21, 22, 23, 24, 25
+TAG_HEADER, TAG_GLOBAL, TAG_LOCAL, TAG_X, TAG_SINK, TAG_AUDIO = 21, 22, 23, 24, 25, 26
 DEFAULT_SETTINGS = StreamSettings()  # frozen: safe to share as a default
 
 
@@ -19,6 +19,7 @@ DEFAULT_SETTINGS = StreamSettings()  # frozen: safe to share as a default
 class TppLayout:
     world_size: int
     num_steps: int
+    decode: bool = False  # the collect rank decodes (a decode rank)
 
     def __post_init__(self):
         if self.world_size < 2 or self.world_size not in (self.num_steps, self.num_steps + 1):
@@ -42,13 +43,13 @@ class TppLayout:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} is outside world size {self.world_size}")
         if rank == self.collect_rank:
-            return "collect"
+            return "decode" if self.decode else "collect"
         return f"step {rank}" + (" + audio" if rank == 0 else "")
 
     def stages(self, rank: int) -> tuple[str, ...]:
         """Stages a rank runs (failure specs naming another stage would never fire)."""
         if rank == self.collect_rank:
-            return ("emit",)
+            return ("decode", "emit") if self.decode else ("emit",)
         return ("audio", "denoise") if rank == 0 else ("denoise",)
 
     def check_fail(self, spec: FailSpec) -> None:
@@ -68,3 +69,5 @@ class TppSession:
     prompt_embeds: torch.Tensor
     settings: StreamSettings = DEFAULT_SETTINGS
     features: Iterable[torch.Tensor] | None = None
+    # rank 0 only, with a decode rank: per block, the float32 samples its frames cover (sent to the decode rank)
+    block_audio: Iterable[torch.Tensor] | None = None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -11,6 +12,7 @@ from .model import AudioTokens
 from .tpp_layout import (
     KIND_BLOCK,
     KIND_END,
+    TAG_AUDIO,
     TAG_GLOBAL,
     TAG_HEADER,
     TAG_LOCAL,
@@ -20,6 +22,15 @@ from .tpp_layout import (
     TppSession,
 )
 from .tpp_step import NoiseSource, StepState
+
+
+class BlockDecoder(Protocol):
+    """The decode rank's work: `covered_samples(counter)` audio samples arrive from rank 0 per block,
+    `decode(counter, latents, audio)` returns what the sink gets."""
+
+    def covered_samples(self, counter: int) -> int: ...
+
+    def decode(self, counter: int, latents: torch.Tensor, audio: torch.Tensor) -> object: ...
 
 
 class _Wire:
@@ -45,6 +56,8 @@ class _StepRank:
         self.sink_frame: _Incoming | torch.Tensor | None = None
         self.noise = NoiseSource(session.settings.seed, state.latent_shape, ctx.transport.device, state.model.dtype)
         self.features = iter(session.features) if self.rank == 0 else None  # rank 0 owns the audio
+        send_audio = self.rank == 0 and layout.decode and session.block_audio is not None
+        self.block_audio = iter(session.block_audio) if send_audio else None
         self.current: torch.Tensor | None = None
 
     def run(self) -> None:
@@ -89,6 +102,9 @@ class _StepRank:
             with self.ctx.stage("audio", block=block):
                 audio = self.state.model.encode_audio(self.current.to(self.net.device))
                 x = self.noise.next()
+                covered = next(self.block_audio) if self.block_audio is not None else None
+            if covered is not None:  # the decode rank's share of the audio, on the gloo side channel
+                self.net.send(covered.float(), self.layout.collect_rank, TAG_AUDIO, meta=True)
             for dst in range(1, self.layout.num_steps):
                 self.net.send(audio.global_, dst, TAG_GLOBAL)
                 self.net.send(audio.local, dst, TAG_LOCAL)
@@ -132,8 +148,9 @@ class _StepRank:
 
 
 def _collect(ctx: _Rank, layout: TppLayout, state_shape: tuple[int, ...], dtype: torch.dtype,
-             start_block: int, sink: Callable[[int, torch.Tensor], None]) -> None:
-    """The collect rank: every block's latents from the last step rank, in order, to the sink."""
+             start_block: int, sink: Callable[[int, object], None], decoder: BlockDecoder | None = None) -> None:
+    """The collect rank: every block's latents from the last step rank, in order, to the sink; with a
+    decoder (a decode rank), decoded with the block's covered audio from rank 0 first."""
     net, counter = ctx.transport, 0
     while True:
         with ctx.stage("recv header", block=start_block + counter, transfer=True):
@@ -142,6 +159,11 @@ def _collect(ctx: _Rank, layout: TppLayout, state_shape: tuple[int, ...], dtype:
             return
         with ctx.stage("recv x", block=start_block + counter, transfer=True):
             x = net.recv(state_shape, dtype, layout.last_step_rank, TAG_X).wait()
+        if decoder is not None:
+            with ctx.stage("recv audio", block=start_block + counter, transfer=True):
+                audio = net.recv((decoder.covered_samples(counter),), torch.float32, 0, TAG_AUDIO, meta=True).wait()
+            with ctx.stage("decode", block=start_block + counter):
+                x = decoder.decode(counter, x, audio)
         with ctx.stage("emit", block=start_block + counter):
             sink(counter, x)
         counter += 1
