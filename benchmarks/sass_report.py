@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kernels import kv_write, norm_modulate, window_attention
-from kernels._triton_util import bind_helpers, next_pow2
+from kernels._triton_util import bind_helpers, next_pow2, row_warps
 from kernels.rope import rope_split
 
 try:
@@ -90,12 +90,12 @@ def compile_kv_write(rope: bool, dim: int = 1536, head_dim: int = 128):
     block = next_pow2(dim)
     return compile_for(kv_write._qk_norm_kv_write_kernel, HOPPER, ptrs,
                        {"DIM": dim, "HEAD_DIM": head_dim, "BLOCK": block, "ROPE": rope},
-                       num_warps=kv_write._row_warps(block))
+                       num_warps=row_warps(block))
 
 
 def compile_norms(dim: int = 1536):
     block = next_pow2(dim)
-    warps = norm_modulate._row_warps(block)
+    warps = row_warps(block)
     ptrs = {"x_ptr": "*bf16", "shift_ptr": "*fp32", "scale_ptr": "*fp32", "out_ptr": "*bf16"}
     ln = compile_for(norm_modulate._layernorm_modulate_kernel, HOPPER, ptrs, {"DIM": dim, "BLOCK": block},
                      num_warps=warps)

@@ -120,5 +120,10 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def row_warps(block: int) -> int:
+    """Warps for a one-row program: about 16 elements a thread (two 16-byte loads of bf16)."""
+    return max(1, min(16, block // 512))
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)

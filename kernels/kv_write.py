@@ -20,6 +20,7 @@ from ._triton_util import (
     check_shape,
     compiled,
     next_pow2,
+    row_warps,
     tl,
 )
 from .rope import device_spatial_cos_sin, rotate_spatial
@@ -120,11 +121,6 @@ def _qk_norm_kv_write_kernel(
 _OP = "qk_norm_kv_write_triton"
 
 
-def _row_warps(block: int) -> int:
-    """Warps for a one-row program: about 16 elements a thread (two 16-byte loads of bf16)."""
-    return max(1, min(16, block // 512))
-
-
 def _check_kv_write_inputs(q, k, v, q_weight, k_weight, k_ring, v_ring, write_slots) -> tuple[int, int]:
     """Validates and returns (T, S)."""
     if q.dim() != 3:
@@ -218,5 +214,5 @@ def qk_norm_kv_write_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         write_slots.stride(0), write_slots.stride(1), cos, sin,
         Lq, T, S, float(eps),
         DIM=dim, HEAD_DIM=D, BLOCK=block, ROPE=rope_grid is not None,
-        num_warps=_row_warps(block), enable_fp_fusion=FP_FUSION)
+        num_warps=row_warps(block), enable_fp_fusion=FP_FUSION)
     return out

@@ -17,6 +17,7 @@ from ._triton_util import (
     check_shape,
     compiled,
     next_pow2,
+    row_warps,
     tl,
 )
 
@@ -83,11 +84,6 @@ def _gated_residual_kernel(
              mask=c_ok)
 
 
-def _row_warps(block: int) -> int:
-    """Warps for a one-row program: about 16 elements a thread (two 16-byte loads of bf16)."""
-    return max(1, min(16, block // 512))
-
-
 def _check_rows(op: str, x: torch.Tensor, tokens_per_frame: int, **per_frame: torch.Tensor) -> int:
     """Checks x [B, F*T, dim] and every [B, F, dim] modulation; returns F."""
     if x.dim() != 3:
@@ -135,7 +131,7 @@ def layernorm_modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch
         x.stride(0), x.stride(1), shift.stride(0), shift.stride(1), scale.stride(0), scale.stride(1),
         out.stride(0), out.stride(1),
         L, tokens_per_frame, float(eps),
-        DIM=dim, BLOCK=block, num_warps=_row_warps(block), enable_fp_fusion=FP_FUSION)
+        DIM=dim, BLOCK=block, num_warps=row_warps(block), enable_fp_fusion=FP_FUSION)
     return out
 
 
@@ -161,5 +157,5 @@ def gated_residual_triton(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, 
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), gate.stride(0), gate.stride(1),
         out.stride(0), out.stride(1),
         L, tokens_per_frame,
-        DIM=dim, BLOCK=block, num_warps=_row_warps(block), enable_fp_fusion=FP_FUSION)
+        DIM=dim, BLOCK=block, num_warps=row_warps(block), enable_fp_fusion=FP_FUSION)
     return out

@@ -3,6 +3,10 @@
 `Ops` (the `reference` backend) is eager fp32 math from `kernels/*_reference`. `ops_for(backend,
 device)` resolves the backend by device capability (kernels.backends.select_backend, which logs the
 choice; never by GPU name) and returns the class of ops to use. Every variant has the same signatures.
+
+A ring is written and read by one class, whose KV write and attention agree on the key layout:
+`TritonOps` stores keys with their height/width rotation already applied (kernels/window_attention.py),
+the others store them un-roped; both are un-roped in time, so a position shift never rewrites them.
 """
 from __future__ import annotations
 
@@ -21,7 +25,6 @@ from kernels.window_attention import window_attention_reference, window_attentio
 
 class Ops:
     name = "reference"
-    spatial_roped_keys = False
 
     @staticmethod
     def rms_norm(x, weight, eps):
@@ -64,7 +67,6 @@ class FlashAttnOps(Ops):
 class TritonOps(Ops):
     """The fused Triton kernels: in-kernel RoPE over the ring, fused qk-norm + KV write, fused norms."""
     name = "triton"
-    spatial_roped_keys = True
 
     @staticmethod
     def qk_norm_kv_write(q, k, v, q_weight, k_weight, eps, ring_k, ring_v, write_slots, grid, theta):
