@@ -166,10 +166,11 @@ def _make_error(group, stage, block, kind, message, cause) -> StageError:
 class RoundHandle:
     """A submitted round: ``wait()`` for it; ``failed`` once ``done()``."""
 
-    def __init__(self, runner: RoundRunner, core_round: Any, groups: dict[int, Hashable]):
+    def __init__(self, runner: RoundRunner, core_round: Any, groups: dict[int, Hashable], ntasks: int):
         self._runner = runner
         self._round = core_round
         self._groups = groups  # group id -> group, for the failures
+        self._ntasks = ntasks
         self._failed: dict[Hashable, StageError] | None = None
 
     def done(self) -> bool:
@@ -254,7 +255,7 @@ class RoundRunner:
         keep: list = []
         groups: dict[int, Hashable] = {}
         specs = [self._spec(i, t, keep, groups) for i, t in enumerate(tasks)]
-        handle = RoundHandle(self, self._exec.submit(specs, keep), groups)  # not the Tasks: their deps chain rounds
+        handle = RoundHandle(self, self._exec.submit(specs, keep), groups, len(specs))  # not the Tasks: their deps chain rounds
         self._inflight.append(weakref.ref(handle))
         return handle
 
@@ -304,6 +305,9 @@ class RoundRunner:
             elif isinstance(d, tuple) and len(d) == 2 and isinstance(d[0], RoundHandle) and isinstance(d[1], int):
                 if d[0]._runner is not self:
                     raise ValueError(f"task #{i} {task.name!r} depends on a round of another RoundRunner")
+                if not 0 <= d[1] < d[0]._ntasks:
+                    raise ValueError(f"task #{i} {task.name!r} depends on task {d[1]} of an earlier round, "
+                                     f"which has {d[0]._ntasks} tasks")
                 external.append((d[0]._round, d[1]))
             else:
                 raise TypeError(f"task #{i} {task.name!r}: a dependency is an int or (RoundHandle, int), got {d!r}")
