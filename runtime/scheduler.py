@@ -21,6 +21,7 @@ import atexit
 import collections
 import dataclasses
 import logging
+import threading
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -228,6 +229,7 @@ class RoundRunner:
         # recycled, so cancel() no longer reaches it); holding it would pin the round's objects.
         self._inflight: collections.deque[weakref.ref] = collections.deque()
         self._streams: dict[int, Any] = {}
+        self._lock = threading.Lock()  # submit/cancel from several threads: one round order, one id map
         _OPEN.add(self)
 
     def _make_executor(self, device, streams) -> Any:
@@ -250,19 +252,22 @@ class RoundRunner:
         return self._exec.poisoned
 
     def submit(self, tasks: Sequence[Task]) -> RoundHandle:
-        """Hand a round to the lanes; returns at once (the GIL is released while it runs)."""
-        self._forget_finished()
-        keep: list = []
-        groups: dict[int, Hashable] = {}
-        specs = [self._spec(i, t, keep, groups) for i, t in enumerate(tasks)]
-        handle = RoundHandle(self, self._exec.submit(specs, keep), groups, len(specs))  # not the Tasks: their deps chain rounds
-        self._inflight.append(weakref.ref(handle))
+        """Hand a round to the lanes; returns at once (the GIL is released while it runs).
+        Safe from several threads: each round is one submission, in one lane order."""
+        with self._lock:
+            self._forget_finished()
+            keep: list = []  # what the plan references (graphs); not the Tasks: their deps chain rounds
+            groups: dict[int, Hashable] = {}
+            specs = [self._spec(i, t, keep, groups) for i, t in enumerate(tasks)]
+            handle = RoundHandle(self, self._exec.submit(specs, keep), groups, len(specs))
+            self._inflight.append(weakref.ref(handle))
         return handle
 
     def cancel(self, group: Hashable) -> None:
         """Tasks of ``group`` in rounds submitted so far that have not started will not run
         (the group is reported as ``Cancelled``); later rounds of that group run normally."""
-        gid = self._group_ids.get(group)
+        with self._lock:
+            gid = self._group_ids.get(group)
         if gid is not None:
             self._exec.cancel(gid)
 

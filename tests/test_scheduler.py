@@ -150,7 +150,8 @@ def test_bad_lanes_works_and_backends_are_rejected():
 # ---------------------------------------------------------------- order and overlap
 
 
-def test_trace_respects_every_dependency_and_lane_order():
+@pytest.mark.parametrize("backend", ["host", "torch"])
+def test_trace_respects_every_dependency_and_lane_order(backend):
     # Three lanes and cross-lane, cross-block edges: audio features are single-buffered (block
     # b+1's features wait until step0 of block b consumed them) and latents double-buffered (step0
     # of block b+2 waits until the decode of block b read them). The slow decode makes that bind.
@@ -161,7 +162,7 @@ def test_trace_respects_every_dependency_and_lane_order():
     stages = [trace.stage(n, lanes.get(n, "denoise"), 0.02 if n == "decode" else 0.002, d)
               for n, d in deps.items()]
     blocks = 5
-    with sch.Scheduler(stages) as s:
+    with sch.Scheduler(stages, backend=backend) as s:
         assert s.plan.history == 2 and s.lanes == ("audio", "denoise", "decode")
         handles = [s.submit_block(b, inputs=f"in{b}") for b in range(blocks)]
         results = [s.wait(h, timeout=WAIT) for h in handles]
@@ -199,9 +200,10 @@ def test_block_b_plus_1_denoises_while_block_b_decodes():
 # ---------------------------------------------------------------- errors
 
 
-def test_stage_error_names_stage_and_block_and_fails_dependent_blocks():
+@pytest.mark.parametrize("backend", ["host", "torch"])
+def test_stage_error_names_stage_and_block_and_fails_dependent_blocks(backend):
     trace = Trace()
-    with sch.Scheduler(pipeline(trace, fail={"step1": 2})) as s:
+    with sch.Scheduler(pipeline(trace, fail={"step1": 2}), backend=backend) as s:
         handles = [s.submit_block(b) for b in range(5)]
         for b in (0, 1):
             assert s.wait(handles[b], timeout=WAIT)["decode"] == ("decode", b, None)
