@@ -127,13 +127,16 @@ def probe_capabilities() -> Capabilities:
     return Capabilities(_ext is not None, cuda_compiled, gpu, driver_error)
 
 
-def select_backend(requested: str = "auto", probe: Callable[[], Capabilities] = probe_capabilities
-                   ) -> BackendChoice:
-    """Resolve ``requested`` to a backend; "auto" prefers cuda, then torch on a GPU, then host."""
+def select_backend(requested: str = "auto", probe: Callable[[], Capabilities] = probe_capabilities,
+                   device=None) -> BackendChoice:
+    """Resolve ``requested`` to a backend; "auto" prefers cuda, then torch on a GPU, then host
+    (host at once for an explicit CPU ``device``: an engine on the CPU runs eager bodies)."""
     if requested not in ("auto", "host", "cuda", "torch"):
         raise ValueError(f"unknown backend {requested!r}: expected 'auto', 'host', 'cuda' or 'torch'")
     if requested != "auto":
         return BackendChoice(requested, None)
+    if _device_type(device) == "cpu" and _ext is not None:
+        return BackendChoice("host", "round runner: the device is the CPU, using the C++ host backend")
     caps = probe()
     if caps.gpu:
         if caps.cuda_compiled and caps.driver_error is None:
@@ -214,7 +217,7 @@ class RoundRunner:
 
     def __init__(self, backend: str = "auto", device=None, lanes: Sequence[str] = ("compute", "decode", "copy"),
                  *, streams: Sequence[Any] | None = None, probe: Callable[[], Capabilities] | None = None):
-        choice = select_backend(backend, probe or probe_capabilities)
+        choice = select_backend(backend, probe or probe_capabilities, device)
         if choice.reason:
             log.info(choice.reason)
         self.backend, self.fallback_reason = choice.backend, choice.reason
@@ -222,6 +225,7 @@ class RoundRunner:
         if not self.lanes or len(set(self.lanes)) != len(self.lanes):
             raise ValueError(f"lanes must be distinct names, at least one: got {self.lanes!r}")
         self._lane_index = {name: i for i, name in enumerate(self.lanes)}
+        self._device = _device_index(device)
         self._exec = self._make_executor(device, streams)
         self._group_ids: dict[Hashable, int] = {}
         self._next_gid = 0
@@ -244,7 +248,7 @@ class RoundRunner:
         if self.backend not in _ext.compiled_backends:
             raise ValueError(f"backend {self.backend!r} was not compiled into this build "
                              f"(compiled: {', '.join(_ext.compiled_backends)})")
-        return _ext.RoundExecutor(self.backend, len(self.lanes), _device_index(device), handles)
+        return _ext.RoundExecutor(self.backend, len(self.lanes), self._device, handles)
 
     @property
     def poisoned(self) -> bool:
@@ -340,14 +344,14 @@ class RoundRunner:
             return fn
         if self.backend != "cuda":
             return lambda stream: fn()
-        streams = self._streams
+        streams, device = self._streams, (self._device if self._device >= 0 else None)
 
         def on_lane_stream(stream: int | None) -> None:
             import torch
 
             s = streams.get(stream)
             if s is None:
-                s = streams[stream] = torch.cuda.ExternalStream(stream)
+                s = streams[stream] = torch.cuda.ExternalStream(stream, device=device)
             with torch.cuda.stream(s):
                 fn()
 
@@ -365,6 +369,14 @@ class RoundRunner:
         if len(self._group_ids) > 64 + 4 * len(self._inflight):
             live = {g for ref in self._inflight if (h := ref()) is not None for g in h._groups.values()}
             self._group_ids = {g: gid for g, gid in self._group_ids.items() if g in live}
+
+
+def _device_type(device) -> str | None:
+    if device is None:
+        return None
+    if isinstance(device, int):
+        return "cuda"
+    return getattr(device, "type", None) or str(device).split(":")[0]
 
 
 def _device_index(device) -> int:

@@ -238,11 +238,14 @@ def test_auto_backend_choice(probe, backend, reason):
     assert (choice.reason is None) if reason is None else (reason in choice.reason)
 
 
-def test_named_backends_skip_the_probe_and_unknown_names_fail():
+def test_named_backends_and_cpu_devices_skip_the_probe_and_unknown_names_fail():
     def no_probe():
-        raise AssertionError("the probe runs only for 'auto'")
+        raise AssertionError("the probe runs only for 'auto' without a CPU device")
 
     assert sch.select_backend("host", no_probe) == sch.BackendChoice("host", None)
+    assert sch.select_backend("cuda", no_probe, device="cpu").backend == "cuda"  # named: as asked
+    for cpu in ("cpu", "cpu:0"):
+        assert sch.select_backend("auto", no_probe, device=cpu).backend == "host"
     with pytest.raises(ValueError, match="unknown backend 'tpu'"):
         sch.select_backend("tpu", no_probe)
 
