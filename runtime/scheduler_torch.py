@@ -165,6 +165,7 @@ class TorchExecutor:
                 else:
                     self._run(rnd, t, lane)
                 self._cv.notify_all()
+                del rnd, why  # an idle lane must not keep its last round (and what it references) alive
 
     def _run(self, rnd: _Round, t: int, lane: int) -> None:
         """Runs task t with the lock released; settles it under the lock."""

@@ -254,3 +254,46 @@ def test_auto_on_this_machine_logs_one_line_when_it_falls_back(caplog):
     with caplog.at_level("INFO", logger="runtime.scheduler"), sch.RoundRunner("auto", probe=caps(gpu=False)) as r:
         assert r.backend == "host" and "no CUDA device" in r.fallback_reason
     assert [rec.getMessage() for rec in caplog.records] == [r.fallback_reason]
+
+
+def test_a_round_keeps_what_its_tasks_reference_alive_until_it_is_done(runner):
+    import gc
+    import weakref
+
+    class Buffer:
+        pass
+
+    go = threading.Event()
+    buf = Buffer()
+    ref = weakref.ref(buf)
+    rnd = runner.submit([sch.Task("use", "compute", fn=lambda b=buf: go.wait(WAIT) and b)])
+    del buf
+    gc.collect()
+    assert ref() is not None  # the plan still needs it
+    go.set()
+    assert rnd.wait(WAIT) == {}
+    del rnd
+    gc.collect()
+    assert ref() is None  # nothing of a finished, dropped round is retained
+
+
+def test_rounds_submitted_from_several_threads_keep_each_streams_order(runner):
+    log = Log()
+    per_thread, threads = 30, 4
+
+    def stream(g):
+        prev = None
+        for i in range(per_thread):
+            deps = ((prev, 0),) if prev is not None else ()
+            prev = runner.submit([log.task(f"{g}:{i}", "compute" if i % 2 else "decode", deps=deps, group=g)])
+        assert prev.wait(WAIT) == {}
+
+    workers = [threading.Thread(target=stream, args=(g,)) for g in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(WAIT)
+    assert len(log.order) == per_thread * threads
+    for g in range(threads):
+        mine = [int(n.split(":")[1]) for n in log.order if n.startswith(f"{g}:")]
+        assert mine == list(range(per_thread))  # each chain ran in order across both lanes
