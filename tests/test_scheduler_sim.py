@@ -66,34 +66,37 @@ FAKE_NVTX = textwrap.dedent("""
     int nvtxRangePop(void) { fprintf(out(), "pop\\n"); return 0; }
 """)
 
+# The extension alone (no torch import: fast), loaded from its file; one round of two tasks.
 ROUND = textwrap.dedent("""
-    from runtime import scheduler as sch
-    from runtime import _scheduler
-    print(_scheduler.nvtx_library())
-    with sch.RoundRunner("host") as r:
-        h = r.submit([sch.Task("alpha", "compute", fn=lambda: None),
-                      sch.Task("beta", "decode", fn=lambda: None, deps=(0,))])
-        assert h.wait(10) == {}
+    import importlib.util, sys
+    spec = importlib.util.spec_from_file_location("_scheduler", sys.argv[1])
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    print(ext.nvtx_library())
+    runner = ext.RoundExecutor("host", 2)
+    noop = lambda stream: None
+    rnd = runner.submit([("alpha", 0, 0, 0, [], [], noop, 0), ("beta", 1, 0, 0, [0], [], noop, 0)])
+    assert runner.wait(rnd) == []
+    runner.close()
 """)
 
 
 @pytest.mark.skipif(not sch.extension_available(), reason="runtime._scheduler is not built")
-@pytest.mark.parametrize("enabled", [True, False])
-def test_nvtx_ranges_per_task_are_env_gated(tmp_path, enabled):
+def test_nvtx_ranges_per_task_are_env_gated(tmp_path):
     cc = shutil.which("cc") or _compiler()
     if cc is None:
         pytest.skip("needs a C compiler")
     (tmp_path / "fake.c").write_text(FAKE_NVTX)
     lib = tmp_path / "libfakenvtx.so"
     _build([cc, "-shared", "-fPIC", str(tmp_path / "fake.c"), "-o", str(lib)], "the stand-in NVTX library")
-    log = tmp_path / "ranges.txt"
-    env = dict(os.environ, AVATAR_NVTX="1" if enabled else "0", AVATAR_NVTX_LIB=str(lib), FAKE_NVTX_OUT=str(log))
-    run = subprocess.run([sys.executable, "-c", ROUND], check=False, capture_output=True, text=True,
-                         timeout=120, env=env, cwd=os.path.dirname(CSRC))
-    assert run.returncode == 0, run.stderr
-    if not enabled:
-        assert run.stdout.strip() == "" and not log.exists()
-        return
-    assert run.stdout.strip() == str(lib)
-    lines = log.read_text().splitlines()
-    assert lines == ["push alpha", "pop", "push beta", "pop"]  # beta depends on alpha: in order
+    for enabled in (False, True):
+        log = tmp_path / f"ranges-{enabled}.txt"
+        env = dict(os.environ, AVATAR_NVTX="1" if enabled else "0", AVATAR_NVTX_LIB=str(lib), FAKE_NVTX_OUT=str(log))
+        run = subprocess.run([sys.executable, "-c", ROUND, sch._ext.__file__], check=False, capture_output=True,
+                             text=True, timeout=120, env=env)
+        assert run.returncode == 0, run.stderr
+        if not enabled:
+            assert run.stdout.strip() == "" and not log.exists()
+            continue
+        assert run.stdout.strip() == str(lib)
+        assert log.read_text().splitlines() == ["push alpha", "pop", "push beta", "pop"]  # beta after alpha
