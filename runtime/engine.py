@@ -14,6 +14,7 @@ changes, so the next valid call behaves as if the bad one never happened.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ import torch
 from .audio import AudioEncoder, AudioStream, Resampler, check_chunk
 from .checkpoint import load_into, read_state_dict
 from .config import PRESETS, EngineConfig
+from .core.session import Session
+from .errors import AtCapacityError, BlockFailedError
 from .models.dit import BlockPlan, CausalAudioDiT, TimeMod, build_dit
 from .models.fp8 import QuantizeReport, check_fp8_device, quantize_dit_fp8
 from .models.ops import Ops, ops_for
@@ -89,14 +92,17 @@ class Engine:
     def __init__(self, config: EngineConfig, dit: CausalAudioDiT, vae: WanVAE, audio_encoder: AudioEncoder,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  backend: str = "auto", *, batch: int = 1, taehv: TAEHVDecoder | None = None,
-                 text_encoder: PromptEncoder | None = None):
+                 text_encoder: PromptEncoder | None = None, max_sessions: int = 4):
         """`batch`: rows of the batched stages (stage_denoise, stage_refresh). Sessions are batch 1;
         runtime/batched.py builds an engine of batch N to run N sessions' rows in one forward.
         `taehv`: decode with the tiny TAEHV decoder (~25x fewer FLOPs) instead of the Wan VAE decoder;
         the Wan VAE still encodes the reference image.
-        `text_encoder`: turns `reset(..., prompt="text")` into embeddings (see `attach_text_encoder`)."""
+        `text_encoder`: turns `reset(..., prompt="text")` into embeddings (see `attach_text_encoder`).
+        `max_sessions`: sessions open at once (`open`); one more raises AtCapacityError."""
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
+        if not isinstance(max_sessions, int) or isinstance(max_sessions, bool) or max_sessions < 1:
+            raise ValueError(f"max_sessions must be an int >= 1, got {max_sessions!r}")
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype
@@ -105,7 +111,13 @@ class Engine:
         self.batch = batch
         steps = list(config.sampler.timesteps) + [config.sampler.refresh_timestep]
         self._mods = [self._time_mod(t) for t in steps]
-        self._session: _Session | None = None
+        self.max_sessions = max_sessions
+        self._slots: list[Session | None] = [None] * max_sessions
+        self._spare: list[tuple[KVRing, StaticPlan]] = []  # freed sessions' ring and plan, reused
+        self._default: Session | None = None                # the one-session shorthand's session
+        self._slots_lock = threading.Lock()
+        # Model work of different sessions (maybe from different threads) runs one block at a time.
+        self._compute_lock = threading.Lock()
         self.quantization: QuantizeReport | None = None   # set by quantize()
         self.text_encoder: PromptEncoder | None = None
         self.text_encoder_missing = "this engine was built without one"  # why there is none, for errors
@@ -118,7 +130,7 @@ class Engine:
                         seed: int = 0, config: EngineConfig | str | None = None, decoder: str = "wan", *,
                         text_encoder: bool | None = None, text_config: TextEncoderConfig | str = "umt5-xxl",
                         text_device=None, text_dtype: torch.dtype = torch.bfloat16,
-                        quantize: str | None = None) -> Engine:
+                        quantize: str | None = None, max_sessions: int = 4) -> Engine:
         """A preset name gives random weights (seeded); a directory gives the LiveTalk release files.
 
         `config` (an EngineConfig or preset name) states the shapes of the files in the directory:
@@ -140,7 +152,7 @@ class Engine:
                 raise ValueError(f"preset {path_or_preset!r} has random weights and no text encoder; attach one "
                                  "with attach_text_encoder() or pass a release directory")
             return cls.random(EngineConfig.from_preset(path_or_preset), device, dtype, backend, seed, decoder,
-                              quantize=quantize)
+                              quantize=quantize, max_sessions=max_sessions)
         device, dtype = _default_device_dtype(device, dtype)
         if not isinstance(config, EngineConfig):
             config = EngineConfig.from_preset(config or "livetalk-1.3b")
@@ -149,7 +161,7 @@ class Engine:
         taehv = None
         if decoder == "taehv":
             taehv = TAEHVDecoder.from_state_dict(read_state_dict(_find(root, "taew2_1.*")), dtype=dtype, device=device)
-        engine = cls._assemble(config, dit, vae, audio, device, dtype, backend, taehv)
+        engine = cls._assemble(config, dit, vae, audio, device, dtype, backend, taehv, max_sessions)
         if quantize:
             engine.quantize(quantize)
         if text_encoder is False:
@@ -190,7 +202,8 @@ class Engine:
 
     @classmethod
     def random(cls, config: EngineConfig, device=None, dtype=None, backend: str = "auto",
-               seed: int = 0, decoder: str = "wan", *, quantize: str | None = None) -> Engine:
+               seed: int = 0, decoder: str = "wan", *, quantize: str | None = None,
+               max_sessions: int = 4) -> Engine:
         """Random weights of the configured shapes: tests, demos and speed measurements."""
         _check_decoder(decoder)
         check_quantize(quantize)
@@ -203,7 +216,7 @@ class Engine:
                 vae = WanVAE(config.vae)
                 taehv = TAEHVDecoder(config.vae.z_dim) if decoder == "taehv" else None
         audio = AudioEncoder.from_config(config.audio, seed=seed)
-        engine = cls._assemble(config, dit, vae, audio, device, dtype, backend, taehv)
+        engine = cls._assemble(config, dit, vae, audio, device, dtype, backend, taehv, max_sessions)
         if quantize:
             engine.quantize(quantize)
         return engine
@@ -217,8 +230,8 @@ class Engine:
         check_quantize(mode)
         if self.quantization is not None:
             raise RuntimeError(f"the DiT is already quantized ({self.quantization.granularity} scaling)")
-        if self._session is not None:
-            raise RuntimeError("quantize before the first reset(): a session has already run on these weights")
+        if any(self._slots) or self._spare:
+            raise RuntimeError("quantize before the first open()/reset(): a session has already run on these weights")
         granularity = _FP8_MODES[mode]
         check_fp8_device(self.device, granularity)
         if self.device.type == "cuda" and granularity == "row" and self.dtype != torch.bfloat16:
@@ -228,11 +241,12 @@ class Engine:
         return self.quantization
 
     @classmethod
-    def _assemble(cls, config, dit, vae, audio, device, dtype, backend, taehv=None) -> Engine:
+    def _assemble(cls, config, dit, vae, audio, device, dtype, backend, taehv=None, max_sessions=4) -> Engine:
         vae, audio = (m.to(device=device, dtype=dtype).eval().requires_grad_(False) for m in (vae, audio))
         if taehv is not None:
             taehv = taehv.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        return cls(config, dit, vae, audio, device=device, dtype=dtype, backend=backend, taehv=taehv)
+        return cls(config, dit, vae, audio, device=device, dtype=dtype, backend=backend, taehv=taehv,
+                   max_sessions=max_sessions)
 
     @property
     def decoder_model(self) -> WanVAE | TAEHVDecoder:
@@ -256,18 +270,88 @@ class Engine:
         return TimeMod(blocks=mod.blocks.expand(self.batch, -1, -1, -1).contiguous(),
                        head=mod.head.expand(self.batch, -1, -1).contiguous())
 
-    # ---- session --------------------------------------------------------------------------------
-    def reset(self, reference_image, prompt_embeds=None, seed: int = 0, *, prompt: str | None = None) -> None:
-        """Start a new stream from a reference image (HxWx3 uint8 array or a path).
+    # ---- sessions -------------------------------------------------------------------------------
+    def open(self, reference_image, prompt: str | None = None, prompt_embeds=None, seed: int = 0) -> Session:
+        """A new stream from a reference image (HxWx3 uint8 array or a path), in a free slot.
 
-        The prompt is `prompt` (text, encoded by the text encoder; the last few are cached) or
-        `prompt_embeds` ([L, text_dim], e.g. `runtime.text.load_prompt_embeds(file)`), not both;
-        neither gives an all-zero embedding. `prompt` is keyword-only because `prompt_embeds` has
-        long been the second positional argument.
+        The prompt is `prompt` (text, encoded by the text encoder) or `prompt_embeds` ([L, text_dim]),
+        not both; neither gives an all-zero embedding. `seed` (an int in [0, 2**63)) seeds the
+        session's noise. Raises AtCapacityError when `max_sessions` sessions are open; bad input raises
+        before anything changes."""
+        check_seed(seed)
+        with self._slots_lock:
+            slot = self._free_slot()
+            ring, plan = self._spare.pop() if self._spare else (None, None)
+            try:
+                state = self.open_session(reference_image, prompt_embeds, seed, ring=ring, plan=plan, prompt=prompt)
+            except BaseException:
+                if ring is not None:
+                    self._spare.append((ring, plan))
+                raise
+            session = self._slots[slot] = Session(self, state, slot)
+        return session
+
+    def _free_slot(self) -> int:
+        for i, held in enumerate(self._slots):
+            if held is None:
+                return i
+        raise AtCapacityError(self.max_sessions)
+
+    def _release(self, session: Session) -> None:
+        """Session.close(): the slot is free, its ring and plan wait for the next session."""
+        with self._slots_lock:
+            if self._slots[session.slot] is session:
+                self._slots[session.slot] = None
+                self._spare.append((session.state.ring, session.state.plan))
+            if self._default is session:
+                self._default = None
+
+    @property
+    def num_sessions(self) -> int:
+        """Sessions open now."""
+        return sum(s is not None for s in self._slots)
+
+    @property
+    def sessions(self) -> list[Session]:
+        """The open sessions, by slot."""
+        return [s for s in self._slots if s is not None]
+
+    def reset(self, reference_image, prompt_embeds=None, seed: int = 0, *, prompt: str | None = None) -> None:
+        """The one-session shorthand: (re)start the engine's default session (see `open`); `step`,
+        `flush`, ... then act on it. The previous default session ends; its slot is reused.
+
+        `prompt` is keyword-only because `prompt_embeds` has long been the second positional argument.
+        Bad input raises before anything changes (the previous stream goes on).
         """
-        old = self._session  # its ring and plan are reused: allocated once per engine
-        self._session = self.open_session(reference_image, prompt_embeds, seed, prompt=prompt,
-                                          ring=old.ring if old else None, plan=old.plan if old else None)
+        old = self._default
+        if old is None:
+            self._default = self.open(reference_image, prompt=prompt, prompt_embeds=prompt_embeds, seed=seed)
+            return
+        check_seed(seed)
+        with old._lock:
+            # The new state reuses the old one's ring and plan; built first, so bad input changes nothing.
+            state = self.open_session(reference_image, prompt_embeds, seed, ring=old.state.ring,
+                                      plan=old.state.plan, prompt=prompt)
+            with self._slots_lock:
+                old.closed = True
+                self._default = self._slots[old.slot] = Session(self, state, old.slot)
+
+    @property
+    def _session(self) -> _Session | None:
+        """The default session's state (runtime/pipeline.py drives its stages directly)."""
+        return self._default.state if self._default is not None else None
+
+    @_session.setter
+    def _session(self, value: None) -> None:
+        if value is not None:
+            raise ValueError("only None (end the default session) can be assigned")
+        if self._default is not None:
+            self._default.close()
+
+    def _default_session(self) -> Session:
+        if self._default is None:
+            raise RuntimeError("call reset(reference_image) before step()")
+        return self._default
 
     def open_session(self, reference_image, prompt_embeds=None, seed: int = 0, ring: KVRing | None = None,
                      plan: StaticPlan | None = None, *, prompt: str | None = None) -> _Session:
@@ -335,59 +419,42 @@ class Engine:
         return torch.cat([ref_latent.expand(-1, -1, F, -1, -1), mask], dim=1).to(self.dtype)
 
     def _require_session(self) -> _Session:
-        if self._session is None:
-            raise RuntimeError("call reset(reference_image) before step()")
-        if self._session.flushed:
-            raise RuntimeError("this stream was flushed; call reset() to start a new one")
-        return self._session
+        """The default session's state, for code that drives the stages itself (runtime/pipeline.py)."""
+        return self._open_state(self._default_session())
 
-    # ---- streaming ------------------------------------------------------------------------------
+    def _open_state(self, session: Session) -> _Session:
+        if session.state.flushed:
+            raise RuntimeError("this stream was flushed; call reset() (or open()) to start a new one")
+        return session.state
+
+    # ---- streaming: the one-session shorthand ----------------------------------------------------
     def step(self, audio_chunk, sample_rate: int = 16000, resample: bool = False) -> list[VideoBlock]:
-        """Push mono audio (int16 or float32 in [-1, 1]); return every block that became ready.
-
-        Audio at another rate is an error unless `resample=True`, which converts it with a streaming
-        soxr resampler kept per session (chunking-independent; one input rate per stream).
-        """
-        s = self._require_session()
-        target = self.config.audio.sample_rate
-        if resample and sample_rate != target:
-            samples = self._resampler(s, sample_rate)(audio_chunk)  # validates at the input rate first
-        else:
-            samples = check_chunk(audio_chunk, sample_rate, target)
-        return self._feed(s, samples)
-
-    def _resampler(self, s: _Session, rate: int) -> Resampler:
-        if s.resampler is None:
-            s.resampler = Resampler(rate, self.config.audio.sample_rate)
-        elif s.resampler.from_rate != rate:
-            raise ValueError(f"sample rate changed mid-stream ({s.resampler.from_rate} -> {rate} Hz); "
-                             "call reset() to start a stream at another rate")
-        return s.resampler
+        """The default session's `Session.step` (see `reset`)."""
+        return self._default_session().step(audio_chunk, sample_rate, resample)
 
     def flush(self) -> list[VideoBlock]:
-        """Pad with silence so every pushed sample is covered by a block, emit the rest, end the stream."""
-        s = self._require_session()
-        blocks = self._cover_pushed_audio(s)
-        s.flushed = True
-        return blocks
+        return self._default_session().flush()
+
+    def drain(self) -> list[VideoBlock]:
+        return self._default_session().drain()
 
     def end_segment(self) -> list[VideoBlock]:
-        """End of an utterance (LiveKit's AudioSegmentEnd): like `flush`, every pushed sample is covered
-        by a block now (silence fills the last one), but the stream goes on. The silence queued past
-        the last block is dropped, so the next speech starts exactly at the next block boundary."""
-        s = self._require_session()
-        blocks = self._cover_pushed_audio(s)
-        s.resampler = None   # flushed: the next segment starts a fresh delay line
-        s.audio.truncate(self.config.first_video_frame(s.block) * self.config.samples_per_video_frame)
-        return blocks
+        return self._default_session().end_segment()
 
-    def _cover_pushed_audio(self, s: _Session) -> list[VideoBlock]:
-        blocks = self._feed(s, s.resampler.flush()) if s.resampler is not None else []
-        last = last_block_to_flush(self.config, s.block, s.audio.total_samples)
-        if last is not None:
-            pad = samples_to_run(self.config, last) - s.audio.total_samples
-            blocks += self._feed(s, np.zeros(max(0, pad), np.float32))
-        return blocks
+    def idle(self, blocks: int = 1) -> list[VideoBlock]:
+        return self._default_session().idle(blocks)
+
+    def interrupt(self) -> int:
+        return self._default_session().interrupt()
+
+    @property
+    def next_block(self) -> int:
+        """Index of the next block the default session will generate."""
+        return self._default_session().next_block
+
+    @property
+    def pending_samples(self) -> int:
+        return self._default_session().pending_samples
 
     # The stream format, named as family 2's engine names it (integrators and the CLI use either).
     @property
@@ -403,69 +470,134 @@ class Engine:
         """(height, width) of the video frames."""
         return self.config.height, self.config.width
 
-    @property
-    def next_block(self) -> int:
-        """Index of the next block the session will generate."""
-        return self._require_session().block
+    # ---- streaming: what a Session's calls run (the session's lock is held) ----------------------
+    def _session_step(self, session: Session, audio_chunk, sample_rate, resample) -> list[VideoBlock]:
+        """Audio at another rate is an error unless `resample=True`, which converts it with a streaming
+        soxr resampler kept per session (chunking-independent; one input rate per stream)."""
+        s = self._open_state(session)
+        target = self.config.audio.sample_rate
+        check_rate(sample_rate)
+        if not isinstance(resample, (bool, np.bool_)):
+            raise TypeError(f"resample must be a bool, got {type(resample).__name__}")
+        if resample and sample_rate != target:
+            check_chunk(audio_chunk, sample_rate, sample_rate)  # before a resampler exists: a refusal changes nothing
+            samples = self._resampler(s, sample_rate)(audio_chunk)
+        else:
+            samples = check_chunk(audio_chunk, sample_rate, target)
+        return self._feed(session, samples)
 
-    @property
-    def pending_samples(self) -> int:
-        """Pushed samples (at the model rate) not yet inside a generated block."""
-        s = self._require_session()
+    def _resampler(self, s: _Session, rate: int) -> Resampler:
+        if s.resampler is None:
+            s.resampler = Resampler(rate, self.config.audio.sample_rate)
+        elif s.resampler.from_rate != rate:
+            raise ValueError(f"sample rate changed mid-stream ({s.resampler.from_rate} -> {rate} Hz); "
+                             "call reset() to start a stream at another rate")
+        return s.resampler
+
+    def _session_flush(self, session: Session) -> list[VideoBlock]:
+        """Pad with silence so every pushed sample is covered by a block, emit the rest, end the stream."""
+        s = self._open_state(session)
+        blocks = self._cover_pushed_audio(session)
+        s.flushed = True
+        return blocks
+
+    def _session_drain(self, session: Session) -> list[VideoBlock]:
+        self._open_state(session)
+        return []  # blocks run to the end inside the call that made them ready
+
+    def _session_end_segment(self, session: Session) -> list[VideoBlock]:
+        """End of an utterance (LiveKit's AudioSegmentEnd): like `flush`, every pushed sample is covered
+        by a block now (silence fills the last one), but the stream goes on. The silence queued past
+        the last block is dropped, so the next speech starts exactly at the next block boundary."""
+        s = self._open_state(session)
+        blocks = self._cover_pushed_audio(session)
+        s.resampler = None   # flushed: the next segment starts a fresh delay line
+        s.audio.truncate(self.config.first_video_frame(s.block) * self.config.samples_per_video_frame)
+        return blocks
+
+    def _cover_pushed_audio(self, session: Session) -> list[VideoBlock]:
+        s = session.state
+        blocks = self._feed(session, s.resampler.flush()) if s.resampler is not None else []
+        last = last_block_to_flush(self.config, s.block, s.audio.total_samples)
+        if last is not None:
+            pad = samples_to_run(self.config, last) - s.audio.total_samples
+            blocks += self._feed(session, np.zeros(max(0, pad), np.float32))
+        return blocks
+
+    def _session_next_block(self, session: Session) -> int:
+        return self._open_state(session).block
+
+    def _session_pending_samples(self, session: Session) -> int:
+        s = self._open_state(session)
         covered = self.config.first_video_frame(s.block) * self.config.samples_per_video_frame
         return max(0, s.audio.total_samples - covered)
 
-    def interrupt(self) -> int:
+    def _session_interrupt(self, session: Session) -> int:
         """Barge-in: drop audio pushed but not yet turned into a block; the stream goes on from there.
 
         The KV cache and the video timeline are kept (the avatar does not jump); the next pushed audio
         drives the next block. Returns the number of samples dropped.
         """
-        s = self._require_session()
+        s = self._open_state(session)
         s.resampler = None  # its buffered input belongs to the dropped audio
         return s.audio.truncate(self.config.first_video_frame(s.block) * self.config.samples_per_video_frame)
 
-    def idle(self, blocks: int = 1) -> list[VideoBlock]:
+    def _session_idle(self, session: Session, blocks: int = 1) -> list[VideoBlock]:
         """Emit `blocks` more blocks driven by silence (listening / idle avatar), after any queued audio."""
-        s = self._require_session()
-        if blocks < 1:
-            raise ValueError(f"blocks must be >= 1, got {blocks}")
+        s = self._open_state(session)
+        if not isinstance(blocks, (int, np.integer)) or isinstance(blocks, bool) or blocks < 1:
+            raise ValueError(f"blocks must be an int >= 1, got {blocks!r}")
         need = samples_to_run(self.config, s.block + blocks - 1)
-        return self._feed(s, np.zeros(max(0, need - s.audio.total_samples), np.float32))
+        return self._feed(session, np.zeros(max(0, need - s.audio.total_samples), np.float32))
 
-    def _feed(self, s: _Session, samples: np.ndarray) -> list[VideoBlock]:
+    def _feed(self, session: Session, samples: np.ndarray) -> list[VideoBlock]:
         """Push in pieces that fit the bounded audio ring, running blocks as they become ready."""
+        s = session.state
         out: list[VideoBlock] = []
         pos = 0
         while pos < len(samples):
             n = min(len(samples) - pos, s.audio.free_samples)
             s.audio.push(samples[pos:pos + n])
             pos += n
-            out += self._drain(s)
+            out += self._drain(session)
         return out
 
-    def _drain(self, s: _Session) -> list[VideoBlock]:
+    def _drain(self, session: Session) -> list[VideoBlock]:
         cfg = self.config
+        s = session.state
         out = []
         while s.audio.ready(cfg.first_video_frame(s.block) + cfg.video_frames_in_block(s.block)):
-            out.append(self._run_block(s))
+            with self._compute_lock:
+                block = self._run_block(s, session.slot)
+            out.append(block)
         return out
 
     # ---- one block as stages: begin (host) -> audio -> step 0..N-1 -> refresh -> decode -> finish --------
     # The sequential path below runs them in order; runtime/scheduled.py runs the same methods as a DAG
     # (decode of block b overlapping the denoising of block b+1).
-    def _run_block(self, s: _Session) -> VideoBlock:
-        work = self.begin_block(s)
+    def _run_block(self, s: _Session, slot: int = 0) -> VideoBlock:
+        """One block in order; a stage that raises (or a non-finite output) fails the session alone."""
         clock = time.perf_counter
-        t0 = clock()
-        self.stage_audio(s, work)
-        t1 = clock()
-        for i in range(self.config.sampler.num_steps):
-            self.stage_denoise(s, work, i)
-        self.stage_refresh(s, work)
-        t2 = clock()
-        self.stage_decode(s, work)
-        block = self.finish_block(s, work)
+        b, stage = s.block, "begin"
+        try:
+            work = self.begin_block(s)
+            t0 = clock()
+            stage = "audio"
+            self.stage_audio(s, work)
+            t1 = clock()
+            for i in range(self.config.sampler.num_steps):
+                stage = f"step{i}"
+                self.stage_denoise(s, work, i)
+            stage = "refresh"
+            self.stage_refresh(s, work)
+            t2 = clock()
+            stage = "decode"
+            self.stage_decode(s, work)
+            stage = "finish"
+            block = self.finish_block(s, work)
+        except Exception as err:
+            raise BlockFailedError(f"session {slot}: stage '{stage}' of block {b} failed: {type(err).__name__}: "
+                                   f"{err}", session=slot, block=b, stage=stage) from err
         t3 = clock()
         block.timings = {"audio": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2, "total": t3 - t0}
         return block
@@ -514,6 +646,8 @@ class Engine:
     def finish_block(self, s: _Session, w: BlockWork) -> VideoBlock:
         """Frames leave as a uint8 host copy, never a view of an engine-owned buffer."""
         cfg = self.config
+        check_finite(w.x, "denoised latent", w.index)
+        check_finite(w.video, "decoded frames", w.index)
         frames = frames_uint8(w.video)
         v0 = w.first_frame
         return VideoBlock(index=w.index, frames=frames, first_frame=v0, pts=v0 / cfg.fps, audio=w.audio)
@@ -540,6 +674,25 @@ def frames_uint8(video: torch.Tensor) -> np.ndarray:
     """Decoded video [B, 3, N, H, W] in [-1, 1] -> batch row 0 as a uint8 [N, H, W, 3] host copy."""
     frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return frames.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def check_finite(t: torch.Tensor, what: str, block: int) -> None:
+    """A block whose output holds NaN or Inf fails (its session), never reaching the caller as frames."""
+    if not bool(torch.isfinite(t).all()):
+        raise FloatingPointError(f"block {block}: the {what} are not finite (NaN or Inf)")
+
+
+def check_seed(seed) -> None:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+
+
+def check_rate(sample_rate) -> None:
+    if not isinstance(sample_rate, (int, np.integer)) or isinstance(sample_rate, (bool, np.bool_)):
+        raise TypeError(f"sample_rate must be an int (samples per second), got {type(sample_rate).__name__} "
+                        f"{sample_rate!r}")
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
 
 
 _FP8_MODES = {"fp8": "tensor", "fp8-row": "row"}
