@@ -27,6 +27,8 @@ class Session:
         self._engine, self.state, self.slot = engine, state, slot
         self._lock = threading.Lock()
         self._failure: BaseException | None = None
+        self._unraised: BaseException | None = None  # a failure recorded during another call, raised next
+        self.outbox: list = []                        # finished blocks not yet handed back, in order
         self.closed = False
 
     # ---- calls ----------------------------------------------------------------------------------
@@ -37,16 +39,26 @@ class Session:
         try:
             self._check_usable(what)
             try:
-                return getattr(self._engine, method)(self, *args)
+                result = getattr(self._engine, method)(self, *args)
             except BlockFailedError as err:
-                self._failure = err
+                self._record_failure(err)
                 raise
+            self._check_usable(what)  # a block of this call failed: say so now
+            return result
         finally:
             self._lock.release()
+
+    def _record_failure(self, err: BaseException) -> None:
+        """The engine saw a block of this session fail (maybe during another session's call)."""
+        if self._failure is None:
+            self._failure = self._unraised = err
 
     def _check_usable(self, what: str) -> None:
         if self.closed:
             raise RuntimeError(f"session {self.slot}: {what}() on a closed session; open a new one")
+        if self._unraised is not None:
+            err, self._unraised = self._unraised, None
+            raise err
         if self._failure is not None:
             raise SessionFailedError(f"session {self.slot} failed earlier ({self._failure}); close it and open a "
                                      "new one") from self._failure
