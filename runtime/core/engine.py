@@ -57,6 +57,10 @@ class Engine:
         _check_max_sessions(max_sessions)
         if max_sessions > built:
             raise ValueError(f"max_sessions={max_sessions} but the family was built for {built}")
+        if getattr(family, "_engine_bound", False):
+            raise ValueError("this family already serves an engine (its shared buffers hold that engine's "
+                             "sessions); build another family")
+        family._engine_bound = True
         self.family, self.mode, self.max_sessions = family, mode, max_sessions
         self.runner = self._make_runner(mode)
         self._slots: list[Session | None] = [None] * max_sessions
@@ -65,7 +69,8 @@ class Engine:
         # Pushes into any session's audio ring and the rounds (which read every ring) are serialised.
         self._round_lock = threading.RLock()
         self._inflight: deque[tuple[object, list[Row]]] = deque()
-        self.rounds = 0
+        self.rounds = 0       # rounds submitted
+        self.rows_run = 0     # blocks planned into them (> rounds once rounds batched sessions)
 
     def _make_runner(self, mode: str):
         if mode == "eager":
@@ -307,7 +312,7 @@ class Engine:
         s = self._open_state(session)
         self._cover_pushed_audio(session)
         s.resampler = None   # flushed: the next segment starts a fresh delay line
-        with self._round_lock:
+        with session.audio_lock:
             s.audio.truncate(self.family.timeline.block_start(s.block))
         return self._collect(session, wait=True)
 
@@ -334,7 +339,7 @@ class Engine:
         """
         s = self._open_state(session)
         s.resampler = None  # its buffered input belongs to the dropped audio
-        with self._round_lock:
+        with session.audio_lock:
             return s.audio.truncate(self.family.timeline.block_start(s.block))
 
     def _session_idle(self, session: Session, blocks: int = 1) -> list[VideoBlock]:
@@ -348,14 +353,18 @@ class Engine:
 
     # ---- rounds ---------------------------------------------------------------------------------
     def _feed(self, session: Session, samples: np.ndarray) -> None:
-        """Push in pieces that fit the bounded audio ring, running rounds as blocks become ready."""
+        """Push in pieces that fit the bounded audio ring, running rounds as blocks become ready.
+
+        The push takes only the session's audio lock: while another thread runs a round, the audio of
+        other sessions keeps arriving, and the next round batches every session that became ready."""
         s = session.state
         pos = 0
         while pos < len(samples) and session._failure is None:
-            with self._round_lock:
+            with session.audio_lock:
                 n = min(len(samples) - pos, s.audio.free_samples)
                 s.audio.push(samples[pos:pos + n])
                 pos += n
+            with self._round_lock:
                 while self._run_round():
                     pass
 
@@ -391,7 +400,10 @@ class Engine:
         t0 = time.perf_counter()
         block = session.state.block
         try:
-            work = self.family.plan_block(session.state)
+            with session.audio_lock:  # the session's thread may be pushing (or truncating) meanwhile
+                if session.state.audio.total_samples < self.family.timeline.samples_to_run(block):
+                    return None  # interrupted since the readiness check
+                work = self.family.plan_block(session.state)
         except Exception as err:
             self._fail(session, "plan", block, err)
             return None
@@ -403,6 +415,7 @@ class Engine:
         tasks = self.family.round_tasks(rows, batch)
         self._inflight.append((self.runner.submit(tasks), rows))
         self.rounds += 1
+        self.rows_run += len(rows)
         self._reap()
 
     def _reap(self) -> None:

@@ -1,4 +1,4 @@
-"""A round as a list of tasks (contract B of runtime/scheduler.py), and the inline runner.
+"""The inline runner of a round's tasks (runtime.scheduler.Task), for mode="eager".
 
 The inline runner is `mode="eager"`: every task's `fn` in list order on the caller's thread. It is
 the numerical reference and the debug path (a stage's traceback is the caller's). Failure isolation
@@ -7,22 +7,11 @@ on it (transitively) and the later tasks of its group.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Hashable, Sequence
 
-try:  # contract B's types, once runtime/scheduler.py has them (helper `sched`)
-    from ..scheduler import Task
-except ImportError:
-    @dataclass(frozen=True)
-    class Task:
-        name: str
-        lane: str
-        fn: Callable[[], None] | None = None
-        graph: Any = None
-        deps: tuple = ()
-        group: Hashable = None
-        block: int = -1
+from ..scheduler import Task
+
+__all__ = ["InlineHandle", "InlineRunner", "RoundStageError", "Task"]
 
 
 class RoundStageError(RuntimeError):

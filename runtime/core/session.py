@@ -26,6 +26,7 @@ class Session:
     def __init__(self, engine: Any, state: Any, slot: int):
         self._engine, self.state, self.slot = engine, state, slot
         self._lock = threading.Lock()
+        self.audio_lock = threading.Lock()            # the state's audio ring: pushes vs the rounds' reads
         self._failure: BaseException | None = None
         self._unraised: BaseException | None = None  # a failure recorded during another call, raised next
         self.outbox: list = []                        # finished blocks not yet handed back, in order

@@ -28,7 +28,7 @@ import torch
 from ...audio import AudioStream
 from ...config import EngineConfig
 from ...core.blocks import VideoBlock, check_finite, frames_uint8
-from ...core.rounds import Task
+from ...scheduler import Task
 from ...models.dit import BlockPlan, TimeMod
 from ...models.taehv import StreamingTAEHVDecoder
 from ...models.vae import StreamingVAEDecoder
@@ -234,10 +234,16 @@ class _Round:
         self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.x: torch.Tensor | None = None
         self.denoise_s = 0.0
+        # The inputs above were made on the caller's stream; the lanes' streams wait for them.
+        self.inputs_ready = torch.cuda.Event() if family.device.type == "cuda" else None
+        if self.inputs_ready is not None:
+            self.inputs_ready.record()
 
     @torch.no_grad()
     def load(self) -> None:
         """The device plan for this round; padded rows' ring slots that the forwards will write, saved."""
+        if self.inputs_ready is not None:
+            torch.cuda.current_stream(self.family.device).wait_event(self.inputs_ready)
         for name in ("write_slots", "slot_pos", "q_pos"):
             copy_into(getattr(self.plan, name), getattr(self.host_plan, name))
         span = self._padding_span()
