@@ -125,3 +125,11 @@ def assert_frames_close(got, want) -> None:
     diff = np.abs(got - want)
     assert diff.max() <= BATCH_FRAME_LEVELS, f"frames differ by up to {diff.max()} levels"
     assert (diff > 0).mean() <= BATCH_FRAME_FRACTION, f"{(diff > 0).mean():.2%} of the values differ"
+
+
+def random_images(count: int, seed: int, size: tuple[int, int] = (40, 36)):
+    """`count` random HxWx3 uint8 reference images (the engine resizes them to its frame size)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=(*size, 3), dtype=np.uint8) for _ in range(count)]

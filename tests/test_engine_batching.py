@@ -8,7 +8,7 @@ import pytest
 
 from runtime import Engine
 from runtime.media import synth_speech_like
-from tests.oracle import assert_frames_close
+from tests.oracle import assert_frames_close, random_images
 
 SR = 16000
 
@@ -20,8 +20,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def images():
-    rng = np.random.default_rng(4)
-    return [rng.integers(0, 256, size=(40, 36, 3), dtype=np.uint8) for _ in range(3)]
+    return random_images(3, seed=4)
 
 
 @pytest.fixture(scope="module")

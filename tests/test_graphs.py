@@ -92,9 +92,8 @@ def graph_stream(fam: LiveTalk, image, audio, graphs_cls=StageGraphs, **options)
 
 
 def eager_stream(device, dtype, image, audio, preset="micro"):
-    with Engine(family(device, dtype, preset), mode="eager") as eng:
-        with eng.open(image, seed=SEED) as s:
-            return s.step(audio) + s.flush()
+    with Engine(family(device, dtype, preset), mode="eager") as eng, eng.open(image, seed=SEED) as s:
+        return s.step(audio) + s.flush()
 
 
 def test_without_a_gpu_every_stage_runs_eagerly_and_one_line_says_so(image, speech, caplog):

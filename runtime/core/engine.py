@@ -128,7 +128,7 @@ class Engine:
             session.close()
         self.runner.close()
 
-    def __enter__(self) -> Engine:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
@@ -404,7 +404,7 @@ class Engine:
                 if session.state.audio.total_samples < self.family.timeline.samples_to_run(block):
                     return None  # interrupted since the readiness check
                 work = self.family.plan_block(session.state)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - any stage fault fails this session only
             self._fail(session, "plan", block, err)
             return None
         return Row(session.slot, session.state, work, timings={"audio": time.perf_counter() - t0})
@@ -438,7 +438,7 @@ class Engine:
                 continue
             try:
                 session.outbox.append(self.family.finish_block(row))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any stage fault fails this session only
                 self._fail(session, "finish", row.work.index, exc)
 
     def _fail(self, session: Session, stage: str, block: int, err: BaseException) -> None:

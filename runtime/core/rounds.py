@@ -54,7 +54,7 @@ class InlineRunner:
                 if task.fn is None:
                     raise RuntimeError("the inline runner needs an eager body (Task.fn)")
                 task.fn()
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - contract B: a stage fault fails its group, never raises
                 failed.setdefault(task.group, RoundStageError(task.name, task.block, err))
                 skipped.add(i)
         return InlineHandle(failed)

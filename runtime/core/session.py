@@ -54,9 +54,12 @@ class Session:
         if self._failure is None:
             self._failure = self._unraised = err
 
-    def _check_usable(self, what: str) -> None:
+    def _check_open(self, what: str) -> None:
         if self.closed:
             raise RuntimeError(f"session {self.slot}: {what}() on a closed session; open a new one")
+
+    def _check_usable(self, what: str) -> None:
+        self._check_open(what)
         if self._unraised is not None:
             err, self._unraised = self._unraised, None
             raise err
@@ -92,13 +95,13 @@ class Session:
     @property
     def next_block(self) -> int:
         """Index of the next block this session will plan."""
-        self._check_usable("next_block")
+        self._check_open("next_block")
         return self._engine._session_next_block(self)
 
     @property
     def pending_samples(self) -> int:
         """Pushed samples (at the model rate) not yet inside a planned block."""
-        self._check_usable("pending_samples")
+        self._check_open("pending_samples")
         return self._engine._session_pending_samples(self)
 
     @property
@@ -115,7 +118,7 @@ class Session:
             self.closed = True
             self._engine._release(self)
 
-    def __enter__(self) -> Session:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:

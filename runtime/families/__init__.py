@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .base import BATCH, Family, Row, SessionState, Timeline
 
-__all__ = ["BATCH", "BUILTIN", "Family", "Row", "SessionState", "Timeline", "family_for", "families", "register"]
+__all__ = ["BATCH", "BUILTIN", "Family", "Row", "SessionState", "Timeline", "families", "family_for", "register"]
 
 BUILTIN = ("runtime.families.livetalk", "runtime.families.liveavatar")
 
@@ -47,7 +47,7 @@ def family_for(path_or_preset: str) -> type[Family]:
             return family
     root = Path(path_or_preset)
     if not root.is_dir():
-        raise FileNotFoundError(f"{path_or_preset}: neither a preset ({', '.join(sorted(presets()))}) nor a "
+        raise FileNotFoundError(f"{path_or_preset}: not a preset name ({', '.join(sorted(presets()))}) nor a "
                                 "checkpoint directory")
     for family in known.values():
         if family.recognises(root):

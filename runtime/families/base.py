@@ -154,7 +154,7 @@ class Family(ABC):
         """A new session's state in `slot` (0 <= slot < max_sessions). Validate every input first
         and raise before anything changes (ValueError/TypeError naming the problem)."""
 
-    def close_state(self, state: SessionState) -> None:  # noqa: B027 - optional hook
+    def close_state(self, state: SessionState) -> None:
         """The session ended; its buffers may be reused by the next session of the slot."""
 
     @abstractmethod

@@ -72,7 +72,8 @@ class LiveTalk(LiveTalkStages):
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
     def recognises(cls, root: Path) -> bool:
-        return any(root.rglob("Wan2.1_VAE.*")) and any(root.rglob("wav2vec2-base-960h"))
+        """The LiveTalk DiT's release folder, or its weights at the top (the loader names what else is missing)."""
+        return (root / "LiveTalk-1.3B-V0.1").is_dir() or any(root.glob("model*.safetensors*"))
 
     @classmethod
     def build(cls, path_or_preset: str, *, device=None, dtype=None, seed: int = 0, max_sessions: int = 4,
@@ -179,7 +180,8 @@ class LiveTalk(LiveTalkStages):
         if self.quantization is not None:
             raise RuntimeError(f"the DiT is already quantized ({self.quantization.granularity} scaling)")
         if self.opened:
-            raise RuntimeError("quantize before the first open()/reset(): a session has already run on these weights")
+            raise RuntimeError("quantize before the first reset() or open(): a session has already run on these "
+                               "weights")
         granularity = _FP8_MODES[mode]
         check_fp8_device(self.device, granularity)
         if self.device.type == "cuda" and granularity == "row" and self.dtype != torch.bfloat16:

@@ -28,11 +28,11 @@ import torch
 from ...audio import AudioStream
 from ...config import EngineConfig
 from ...core.blocks import VideoBlock, check_finite, frames_uint8
-from ...scheduler import Task
 from ...models.dit import BlockPlan, TimeMod
 from ...models.taehv import StreamingTAEHVDecoder
 from ...models.vae import StreamingVAEDecoder
 from ...sampler import BlockInputs, denoise_step, refresh_kv
+from ...scheduler import Task
 from ...session import KVRing, StaticPlan, plan_block
 from ...transfer import copy_into
 from ..base import BATCH, Family, Row, SessionState
@@ -281,5 +281,5 @@ class _Round:
         t0 = time.perf_counter()
         w = row.work
         w.x = self.x[row.slot:row.slot + 1]
-        w.video = row.state.decoder.decode(w.x.to(self.family.dtype))
+        self.family.stage_decode(row.state, w)
         row.timings.update(denoise=self.denoise_s, decode=time.perf_counter() - t0)
