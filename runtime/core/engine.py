@@ -173,10 +173,9 @@ class Engine:
 
     def _release(self, session: Session) -> None:
         """Session.close(): its blocks in flight are waited for and dropped, the slot is free."""
-        with self._round_lock:
+        with self._slots_lock, self._round_lock:  # the order open() and reset() take them in
             self._wait_all()
             session.outbox.clear()
-        with self._slots_lock:
             if self._slots[session.slot] is session:
                 self._slots[session.slot] = None
                 self.family.close_state(session.state)
