@@ -326,6 +326,9 @@ class EngineBench:
                 blocks = self.engine.step(chunk, sample_rate=sr)
             stamps.append((start, timer.timestamp()))
             outputs.append(blocks)
+        start = timer.timestamp()  # the blocks still in flight after the last chunk (runtime.Engine.drain)
+        outputs.append(self.engine.drain())
+        stamps.append((start, timer.timestamp()))
         self.memory.stop()
         total = sum(map(len, outputs))
         if total < 2:

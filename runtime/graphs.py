@@ -131,7 +131,7 @@ class StageGraphs:
         @torch.no_grad()
         def body() -> None:
             x = S.noise[0] if step == 0 else S.x  # as Engine.stage_denoise: step 0 starts from noise[0]
-            x = denoise_step(e.dit, e.ops, inputs, x, step, e._mods[step], e.config.sampler.sigmas,
+            x = denoise_step(e.dit, e.ops, inputs, x, step, e.mods_for(1)[step], e.config.sampler.sigmas,
                              S.text_kv, self.ring.k, self.ring.v, self.plan.plan)
             S.x.copy_(x)
         return body
@@ -141,7 +141,7 @@ class StageGraphs:
 
         @torch.no_grad()
         def body() -> None:
-            refresh_kv(e.dit, e.ops, inputs, S.x, e._mods[-1], S.text_kv, self.ring.k, self.ring.v,
+            refresh_kv(e.dit, e.ops, inputs, S.x, e.mods_for(1)[-1], S.text_kv, self.ring.k, self.ring.v,
                        self.plan.plan)
         return body
 

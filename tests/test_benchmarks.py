@@ -139,6 +139,9 @@ class _SleepyEngine:
     def reset(self, image, seed=0):
         self.pushed, self.block = 0, 0
 
+    def drain(self):  # every block is returned by the step that made it
+        return []
+
     def step(self, chunk, sample_rate):
         self.pushed += len(chunk)
         out = []

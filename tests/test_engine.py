@@ -80,8 +80,10 @@ def test_blocks_arrive_as_soon_as_audio_allows(engine, image, speech):
     spf = cfg.samples_per_video_frame
     look = cfg.audio.window_frames(cfg.fps)[1] * spf
     need0 = cfg.video_frames_in_block(0) * spf + look
-    assert engine.step(speech[: need0 - 1]) == []
-    assert len(engine.step(speech[need0 - 1: need0])) == 1
+    assert engine.step(speech[: need0 - 1]) == [] and engine.next_block == 0
+    got = engine.step(speech[need0 - 1: need0])
+    assert engine.next_block == 1                       # planned (maybe still in flight) at once
+    assert len(got + engine.drain()) == 1
 
 
 BAD_INPUTS = [
@@ -173,12 +175,12 @@ def test_interrupt_drops_queued_audio_and_continues(engine, image, speech):
     spf = cfg.samples_per_video_frame
     n0 = cfg.video_frames_in_block(0) * spf
     engine.reset(image, seed=4)
-    first = engine.step(speech[:15000])                  # block 0 ready; 6000 samples of block 1 queued
+    first = engine.step(speech[:15000]) + engine.drain()  # block 0 ready; 6000 samples of block 1 queued
     assert [b.index for b in first] == [0]
     assert engine.interrupt() == 15000 - n0
     assert engine.interrupt() == 0
     # the next audio drives block 1 from its first frame: the dropped samples are gone
-    rest = engine.step(speech[20000:40000])
+    rest = engine.step(speech[20000:40000]) + engine.drain()
     assert [b.index for b in rest][:1] == [1]
     np.testing.assert_array_equal(rest[0].audio, speech[20000:20000 + rest[0].num_frames * spf])
     assert rest[0].first_frame == cfg.video_frames_in_block(0)
@@ -210,7 +212,7 @@ def test_end_segment_covers_the_utterance_and_the_stream_goes_on(engine, image, 
     cfg = engine.config
     spf = cfg.samples_per_video_frame
     engine.reset(image, seed=5)
-    first = engine.step(speech[:15000])                    # block 0 ready, block 1 partly pushed
+    first = engine.step(speech[:15000]) + engine.drain()   # block 0 ready, block 1 partly pushed
     assert engine.next_block == 1 and engine.pending_samples == 15000 - cfg.video_frames_in_block(0) * spf
     tail = engine.end_segment()
     # every pushed sample is now inside a block; what follows the speech in that block is silence
@@ -220,7 +222,7 @@ def test_end_segment_covers_the_utterance_and_the_stream_goes_on(engine, image, 
     assert not covered[15000:].any()
     assert engine.end_segment() == []                       # nothing pending: nothing to do
     # the next utterance starts exactly at block 2's first frame (no queued silence before it)
-    nxt = engine.step(speech[20000:40000])
+    nxt = engine.step(speech[20000:40000]) + engine.drain()
     assert [b.index for b in nxt][:1] == [2]
     assert nxt[0].first_frame == cfg.first_video_frame(2)
     np.testing.assert_array_equal(nxt[0].audio, speech[20000:20000 + nxt[0].num_frames * spf])

@@ -13,7 +13,7 @@ def _frames_and_latents(backend: str, monkeypatch=None):
     eng = Engine.random(cfg, device="cpu", backend=backend)
     eng.reset(np.full((32, 32, 3), 90, np.uint8), seed=5)
     audio = (np.random.default_rng(0).standard_normal(16000 * 4) * 0.2).clip(-1, 1).astype(np.float32)
-    blocks = eng.step(audio)
+    blocks = eng.step(audio) + eng.drain()
     assert len(blocks) >= 5
     return np.concatenate([b.frames for b in blocks]), eng
 

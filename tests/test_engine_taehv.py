@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime import Engine, ScheduledEngine
+from runtime import Engine
 
 from .test_release_loading import _write_release
 
@@ -39,11 +39,11 @@ def test_taehv_keeps_the_block_contract_and_chunking_invariance(engines):
     assert any((x.frames != y.frames).any() for x, y in zip(w, a))  # really another decoder
 
 
-def test_scheduled_engine_with_taehv_equals_sequential(engines):
+def test_scheduled_engine_with_taehv_equals_eager(engines):
     _, tae = engines
     ref = _frames(tae)
-    with ScheduledEngine.from_engine(tae) as sched:
-        got = _frames(sched, chunks=5)
+    with Engine.from_pretrained("micro", device="cpu", seed=3, decoder="taehv", mode="eager") as eager:
+        got = _frames(eager, chunks=5)
     for x, y in zip(ref, got):
         np.testing.assert_array_equal(x.frames, y.frames)
 

@@ -1,12 +1,6 @@
-"""Stage graphs over static buffers: eager fallback on CPU, graph replay vs eager on a GPU, timings.
-
-CPU: without a GPU every stage body runs eagerly over the static buffers, logged in one line; the
-scheduled engine in that mode gives the sequential engine's frames bit for bit (so the copy-in /
-hand-off / copy-out around the bodies is exact), across two sessions (the second reloads them).
-GPU (skipped without one): each captured graph replays exactly what its eager body computes on the
-same buffers; the scheduled engine with graphs on the cuda backend gives the sequential frames; a
-stage whose capture fails runs eagerly with one warning naming it; pipelined vs sequential timing.
-"""
+"""runtime/graphs.py: the batch-1 block stages of one session over static buffers, captured as CUDA graphs
+on a GPU, run as eager bodies elsewhere. Not on the engine's path (docs/engine.md); driven here by
+`graph_stream`, which runs one session's blocks stage by stage and is compared with the eager engine."""
 from __future__ import annotations
 
 import logging
@@ -17,13 +11,10 @@ import torch
 
 from runtime.config import EngineConfig
 from runtime.engine import Engine
+from runtime.families.livetalk import LiveTalk
 from runtime.graphs import StageGraphs, variant
-from runtime.media import synth_speech_like
-from runtime.scheduled import ScheduledEngine, compare_pipelined_sequential
-from runtime.scheduler import compiled_backends, extension_available
+from runtime.media import resize_cover_center_crop, synth_speech_like
 from runtime.session import plan_block
-
-pytestmark = pytest.mark.skipif(not extension_available(), reason="runtime._scheduler is not built")
 
 SR = 16000
 SEED = 9
@@ -65,35 +56,65 @@ def stage_names(num_steps: int) -> set[str]:
 
 # ---------------------------------------------------------------- CPU: eager bodies over static buffers
 
-@pytest.fixture(scope="module")
-def cpu_seq():
-    return Engine.random(EngineConfig.from_preset("micro"), device="cpu", seed=3)
+def family(device="cpu", dtype=torch.float32, preset="micro") -> LiveTalk:
+    return LiveTalk.random(EngineConfig.from_preset(preset), device=device, dtype=dtype, seed=3, max_sessions=1)
 
 
-def test_without_a_gpu_every_stage_runs_eagerly_and_one_line_says_so(cpu_seq, image, caplog):
-    with ScheduledEngine.from_engine(cpu_seq, graphs=True) as eng:
-        with caplog.at_level(logging.INFO, logger="runtime.graphs"):
-            eng.reset(image, seed=SEED)
-            eng.reset(image, seed=SEED + 1)  # a second session reloads the buffers, logs nothing new
-        lines = [r.getMessage() for r in caplog.records if r.name == "runtime.graphs"]
-        assert len(lines) == 1, lines
-        names = stage_names(eng.config.sampler.num_steps)
-        assert "no CUDA device" in lines[0] and all(n in lines[0] for n in names)
-        assert eng.graphs.captured == () and set(eng.graphs.fallbacks) == names
-        with pytest.raises(ValueError, match="CUDA"):
-            StageGraphs(eng, eng._session, capture=True)
-        with pytest.raises(ValueError, match="warmup"):
-            StageGraphs(eng, eng._session, warmup=0)
+def graph_stream(fam: LiveTalk, image, audio, graphs_cls=StageGraphs, **options):
+    """One session's stream through StageGraphs: (blocks, graphs)."""
+    state = fam.open_state(0, image, None, None, SEED)
+    g = graphs_cls(fam, state, **options)
+    t, n = fam.timeline, fam.config.sampler.num_steps
+    last = t.last_block_to_flush(0, len(audio))
+    audio = np.concatenate([audio, np.zeros(t.samples_to_run(last) - len(audio), np.float32)])
+    blocks, pos = [], 0
+    while state.block <= last:
+        room = min(len(audio) - pos, state.audio.free_samples)
+        state.audio.push(audio[pos:pos + room])
+        pos += room
+        if state.audio.total_samples < t.samples_to_run(state.block):
+            continue
+        w = fam.plan_block(state)
+        b, v = w.index, variant(w.index)
+        g.load_block(state, w)
+        for i in range(n):
+            g.run(f"step{i}/{v}")
+        g.handoff(b)
+        g.run(f"refresh/{v}")
+        w.x = g.buffers.handoff[b % 2].clone()
+        if b == 0:
+            first = g.decode_first()
+            w.video = torch.cat([first, g.decode(0)], dim=2) if fam.config.cache.block_frames > 1 else first
+        else:
+            w.video = g.decode(b)
+        blocks.append(fam.finish(state, w))
+    return blocks, g
 
 
-def test_static_buffer_stages_equal_the_sequential_engine(cpu_seq, image, speech):
-    with ScheduledEngine.from_engine(cpu_seq, graphs=True) as eng:
-        # Warm-up is a first session (graph set-up); the compared stream is a second one.
-        timing = compare_pipelined_sequential(cpu_seq, eng, image, speech, chunk_samples=5300, seed=SEED,
-                                              warmup_samples=SR // 2)
-        assert eng.graphs is not None
-    assert timing.pipelined_calls == timing.sequential_calls
-    assert_same_streams(timing.pipelined_blocks, timing.sequential_blocks)
+def eager_stream(device, dtype, image, audio, preset="micro"):
+    with Engine(family(device, dtype, preset), mode="eager") as eng, eng.open(image, seed=SEED) as s:
+        return s.step(audio) + s.flush()
+
+
+def test_without_a_gpu_every_stage_runs_eagerly_and_one_line_says_so(image, speech, caplog):
+    fam = family()
+    with caplog.at_level(logging.INFO, logger="runtime.graphs"):
+        _, g = graph_stream(fam, image, speech[:SR])
+    lines = [r.getMessage() for r in caplog.records if r.name == "runtime.graphs"]
+    assert len(lines) == 1, lines
+    names = stage_names(fam.config.sampler.num_steps)
+    assert "no CUDA device" in lines[0] and all(n in lines[0] for n in names)
+    assert g.captured == () and set(g.fallbacks) == names
+    state = fam.open_state(0, image, None, None, SEED)
+    with pytest.raises(ValueError, match="CUDA"):
+        StageGraphs(fam, state, capture=True)
+    with pytest.raises(ValueError, match="warmup"):
+        StageGraphs(fam, state, warmup=0)
+
+
+def test_static_buffer_stages_equal_the_eager_engine(image, speech):
+    got, _ = graph_stream(family(), image, speech)
+    assert_same_streams(got, eager_stream("cpu", torch.float32, image, speech))
 
 
 def test_variant_is_first_only_for_block_0():
@@ -102,16 +123,12 @@ def test_variant_is_first_only_for_block_0():
 
 # ---------------------------------------------------------------- GPU
 
-def gpu_engine(dtype=torch.float32):
-    return Engine.random(EngineConfig.from_preset("tiny"), device="cuda", dtype=dtype, seed=3)
-
-
 def randomize(g: StageGraphs, block: int) -> None:
     """Fresh inputs in every buffer a stage reads (the ring too), and a real ring plan."""
     S, gen = g.buffers, torch.Generator("cuda").manual_seed(block)
     for t in (S.noise, S.audio, S.x, S.z, g.ring.k, g.ring.v, *S.cache):
         t.copy_(torch.randn(t.shape, generator=gen, device="cuda", dtype=torch.float32) * 0.5)
-    g.plan.update(plan_block(block, g.engine.config.cache, g.engine.batch))
+    g.plan.update(plan_block(block, g.engine.config.cache, 1))
     torch.cuda.synchronize()
 
 
@@ -122,10 +139,9 @@ def state(g: StageGraphs) -> list[torch.Tensor]:
 
 @needs_gpu
 def test_graph_replay_equals_eager_per_stage():
-    eng = ScheduledEngine.from_engine(gpu_engine(), graphs=True)
-    try:
-        eng.reset(np.full((64, 64, 3), 100, np.uint8), seed=SEED)
-        g = eng.graphs
+    fam = family("cuda", preset="tiny")
+    g = StageGraphs(fam, fam.open_state(0, np.full((64, 64, 3), 100, np.uint8), None, None, SEED))
+    if True:
         assert set(g.captured) == set(g.bodies), f"stages not captured: {g.fallbacks}"
         for name in g.bodies:
             randomize(g, 1 if name.endswith("later") else 0)
@@ -144,22 +160,16 @@ def test_graph_replay_equals_eager_per_stage():
             for i, (a, b) in enumerate(zip(eager, replayed)):
                 assert torch.equal(a, b), f"{name}: buffer {i} differs (max {float((a - b).abs().max())})"
             assert any(not torch.equal(a, b) for a, b in zip(before, eager)), f"{name} changed nothing"
-    finally:
-        eng.close()
 
 
 @needs_gpu
-@pytest.mark.skipif("cuda" not in compiled_backends(), reason="the scheduler was built without CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("graphs", [True, False])
-def test_scheduled_engine_on_cuda_streams_equals_sequential(image, speech, dtype, graphs):
-    # Same kernels on the same shapes (graphs replay exactly what the eager bodies launch), only on
-    # other streams and buffers: the frames are expected bit for bit, in bf16 as in fp32.
-    seq = gpu_engine(dtype)
-    with ScheduledEngine.from_engine(seq, graphs=graphs) as eng:
-        assert eng.scheduler.backend == "cuda"
-        timing = compare_pipelined_sequential(seq, eng, image, speech, chunk_samples=4000, seed=SEED)
-    assert_same_streams(timing.pipelined_blocks, timing.sequential_blocks)
+def test_graph_stream_on_cuda_equals_the_eager_engine(image, speech, dtype):
+    # Graphs replay exactly the kernels the eager bodies launch, on the same shapes: bit for bit.
+    image = resize_cover_center_crop(image, 64, 64)
+    got, g = graph_stream(family("cuda", dtype, "tiny"), image, speech)
+    assert set(g.captured) == set(g.bodies), g.fallbacks
+    assert_same_streams(got, eager_stream("cuda", dtype, image, speech, "tiny"))
 
 
 class _SyncInRefresh(StageGraphs):
@@ -178,32 +188,11 @@ class _SyncInRefresh(StageGraphs):
 
 @needs_gpu
 def test_a_stage_that_cannot_be_captured_runs_eagerly_with_one_warning(image, speech, caplog):
-    seq = gpu_engine()
-    with ScheduledEngine.from_engine(seq, graphs=True) as eng:
-        eng.reset(image, seed=SEED)
-        with caplog.at_level(logging.INFO, logger="runtime.graphs"):
-            eng.graphs = _SyncInRefresh(eng, eng._session)
-        warnings = [r.getMessage() for r in caplog.records
-                    if r.name == "runtime.graphs" and r.levelno >= logging.WARNING]
-        assert len(warnings) == 1 and "refresh/later" in warnings[0] and "eager" in warnings[0], warnings
-        assert set(eng.graphs.fallbacks) == {"refresh/later"}
-        assert "refresh/later" not in eng.graphs.captured
-        timing = compare_pipelined_sequential(seq, eng, image, speech, chunk_samples=4000, seed=SEED)
-    assert_same_streams(timing.pipelined_blocks, timing.sequential_blocks)
-
-
-@needs_gpu
-@pytest.mark.parametrize("chunk", [None, 12_000])  # the whole stream at once; one block of audio per call
-def test_pipelined_vs_sequential_timing(image, chunk, record_property):
-    """Numbers for docs/benchmarks.md: run with `-s` to print the table (tiny preset, bf16)."""
-    seq = gpu_engine(torch.bfloat16)
-    audio = synth_speech_like(12.0, sample_rate=SR, seed=5).astype(np.float32)
-    with ScheduledEngine.from_engine(seq, graphs=True) as eng:
-        timing = compare_pipelined_sequential(seq, eng, image, audio, chunk_samples=chunk, seed=SEED)
-    table = timing.as_markdown()
-    print("\n" + table)
-    record_property("pipelined_vs_sequential", table)
-    s = timing.summary()
-    assert s["blocks"] >= 15
-    # Overlap and graph replay must not cost throughput (10% slack for a shared machine).
-    assert s["pipelined_s_per_block"] <= 1.1 * s["sequential_s_per_block"], table
+    image = resize_cover_center_crop(image, 64, 64)
+    with caplog.at_level(logging.INFO, logger="runtime.graphs"):
+        got, g = graph_stream(family("cuda", preset="tiny"), image, speech, graphs_cls=_SyncInRefresh)
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == "runtime.graphs" and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "refresh/later" in warnings[0] and "eager" in warnings[0], warnings
+    assert set(g.fallbacks) == {"refresh/later"} and "refresh/later" not in g.captured
+    assert_same_streams(got, eager_stream("cuda", torch.float32, image, speech, "tiny"))

@@ -304,14 +304,14 @@ def test_other_rates_are_resampled_per_segment_when_asked(engine, image):
 
 # ---- failures and shutdown ----------------------------------------------------------------------------
 def test_worker_error_reaches_the_consumer_and_the_next_push(engine, image, monkeypatch):
-    real_decode = engine.stage_decode
+    real_decode = engine.family.stage_decode
 
     def decode(s, w):
         if w.index == 1:
             raise RuntimeError("CUDA out of memory (simulated)")
         real_decode(s, w)
 
-    monkeypatch.setattr(engine, "stage_decode", decode)
+    monkeypatch.setattr(engine.family, "stage_decode", decode)
 
     async def session_run():
         async with AvatarSession(engine, image) as avatar:
