@@ -38,16 +38,38 @@ def test_blocks_carry_frames_pts_and_the_audio_that_drove_them():
     e = _engine()
     audio = _audio(3 * HOP + 1000)
     blocks = e.step(audio, SR) + e.flush()
-    assert [b.frames.shape for b in blocks] == [(9, 64, 64, 3)] + [(12, 64, 64, 3)] * (len(blocks) - 1)
+    # 3 whole blocks + 1000 samples = 2 frames of a fourth (flush trims the silence padding after them)
+    assert [b.frames.shape for b in blocks] == [(12, 64, 64, 3)] * 3 + [(2, 64, 64, 3)]
     assert all(b.frames.dtype == np.uint8 for b in blocks) and blocks[1].frames.std() > 1
     firsts = [b.first_frame for b in blocks]
     assert firsts == list(np.cumsum([0] + [b.frames.shape[0] for b in blocks[:-1]]))  # contiguous output frames
     assert [b.pts for b in blocks] == [f / 25 for f in firsts]
-    assert np.array_equal(blocks[0].audio, audio[3 * 640:HOP])  # first latent frame -> one frame
+    assert np.array_equal(blocks[0].audio, audio[:HOP])  # from sample 0: no input audio is lost
     assert np.array_equal(blocks[1].audio, audio[HOP:2 * HOP])
     assert all(len(b.audio) == 640 * b.frames.shape[0] for b in blocks)
     with pytest.raises(RuntimeError, match="flushed"):
         e.step(audio[:100], SR)
+
+
+@pytest.mark.parametrize("n", [1, 639, 640, HOP - 1, HOP, 2 * HOP + 641, 17720 * 16 // 4])
+def test_no_input_audio_is_lost_and_av_stays_aligned(n):
+    """Issue 13 item 5: the output audio is the input rounded up to whole frames (zeros after it),
+    block by block exactly the samples of its frames; block 0 opens on the reference held still."""
+    e = _engine()
+    audio = _audio(n, seed=8)
+    blocks = e.step(audio, SR) + e.flush()
+    out = np.concatenate([b.audio for b in blocks])
+    frames = -(-n // 640)
+    assert len(out) == 640 * frames and sum(b.frames.shape[0] for b in blocks) == frames
+    assert np.array_equal(out[:n], audio) and not out[n:].any()
+    for b in blocks:  # A/V per block: its frames are output frames first_frame.., its audio their samples
+        assert len(b.audio) == 640 * b.frames.shape[0] and b.pts == b.first_frame / 25
+        assert np.array_equal(b.audio, out[640 * b.first_frame:640 * (b.first_frame + b.frames.shape[0])])
+    lead = e.lead_frames
+    still = blocks[0].frames[:min(lead, frames)]
+    assert lead == 3 and (still == still[:1]).all()  # the 120 ms before the first latent frame
+    want = e.decoder.model.decode_offline(e.stream.ref_latent)  # the reference as the VAE shows it
+    assert np.array_equal(still[0], ((want[0, :, 0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
 
 
 def test_reset_encodes_the_image_and_its_73_frame_repeat():

@@ -15,10 +15,14 @@ generating blocks in between, so memory stays bounded for any chunk.
 
 With a decoder (runtime.models.streaming.StreamingDecoder over the Wan2.1 VAE, z 16: the one S2V
 uses) every block is also decoded, causally with the decoder's carried cache: 1 + 2 * 4 = 9 frames
-for the first block, 12 after, which is what upstream keeps too (it drops 3 of the first block's 12).
-Output timeline: block b's frames are output frames max(0, 12b - 3) ..; each block carries the audio
-that drove its frames (block 0: driving frames 3..11, the first latent frame having become one
-frame), so lips stay in sync and the output audio is the input minus its first 3 frames (120 ms).
+for the first block, 12 after (upstream drops the first 3 of its first 12 and with them 120 ms of
+audio). Here no input audio is lost: block 0 starts with 3 lead frames, the VAE decode of the
+reference latent held still (the 120 ms before the first latent frame, driven by audio 0..1919 that
+no latent frame shows), then its 9 decoded frames (driving frames 3..11). So block b is output
+frames 12b .. 12b + 11 and carries exactly the 12 * 640 samples that drove them: lips in sync, and
+the output audio is the input audio. `flush()` trims its last block's frames and audio to the input
+rounded up to whole frames (the silence padding past it is dropped): N input samples give
+ceil(N / 640) frames and as many samples rounded up to 640.
 """
 from __future__ import annotations
 
@@ -52,10 +56,21 @@ class LiveAvatarBlock:
 
 
 class BlockPlace(NamedTuple):
-    span: tuple[int, int]     # absolute samples of the video frames that drive the block
+    span: tuple[int, int]     # absolute samples of the video frames that drive the block = that its frames cover
     first_frame: int          # output frame index of its first frame
     pts: float                # time of its first frame, seconds
-    covered: tuple[int, int]  # absolute samples its output frames cover
+
+
+def trim_to_input(block: LiveAvatarBlock, total_samples: int) -> LiveAvatarBlock:
+    """The block cut to the frames that cover the first `total_samples` input samples (rounded up to a
+    whole frame): what `flush()` does to its last block so no silence padding leaves the engine."""
+    keep = -(-total_samples // SAMPLES_PER_VIDEO_FRAME) - block.first_frame
+    if keep >= len(block.audio) // SAMPLES_PER_VIDEO_FRAME:
+        return block
+    if keep < 1:
+        raise ValueError(f"block {block.index} starts at frame {block.first_frame}, after the input's end")
+    frames = None if block.frames is None else block.frames[:keep].copy()
+    return dataclasses.replace(block, frames=frames, audio=block.audio[:keep * SAMPLES_PER_VIDEO_FRAME].copy())
 
 
 def _samples(audio: np.ndarray, start: int, stop: int) -> np.ndarray:
@@ -225,9 +240,11 @@ class LiveAvatarEngine:
     def flush(self) -> list[LiveAvatarBlock]:
         """Pad with silence until every pushed sample is in a block, emit them, end the stream."""
         self._require_stream()
-        blocks = self._cover_pushed_audio()
+        out = self._flush_resampler()
+        pushed = self.ring.total  # every input sample, the resampler's tail included
+        out = [trim_to_input(b, pushed) for b in out + self._cover_pushed_audio()]
         self.flushed = True
-        return blocks
+        return out
 
     def end_segment(self) -> list[LiveAvatarBlock]:
         """End of an utterance (LiveKit's AudioSegmentEnd): like flush, but the stream goes on. The
@@ -274,12 +291,13 @@ class LiveAvatarEngine:
 
     def block_place(self, block: int) -> BlockPlace:
         """Where block `block` of a stream sits on the output timeline (pure arithmetic)."""
-        per_block = self.front.settings.block_video_frames
-        n = per_block - (3 if block == 0 else 0)  # the causal decode makes 1 + 4 * (F - 1) frames first
-        first = max(0, block * per_block - 3)
-        stop = self._block_start(block + 1)
-        return BlockPlace((self._block_start(block), stop), first, first / VIDEO_FPS,
-                          (stop - n * SAMPLES_PER_VIDEO_FRAME, stop))
+        first = block * self.front.settings.block_video_frames
+        return BlockPlace((self._block_start(block), self._block_start(block + 1)), first, first / VIDEO_FPS)
+
+    @property
+    def lead_frames(self) -> int:
+        """Frames of block 0 before its first decoded one: the causal decode makes 1 + 4 * (F - 1) of 4F."""
+        return self.front.settings.block_video_frames - (1 + 4 * (self.model.cfg.block_frames - 1))
 
     def block_features(self, audio: np.ndarray, block: int) -> torch.Tensor:
         """The wav2vec2 features of block `block` of a stream whose whole audio is `audio` (16 kHz
@@ -289,15 +307,19 @@ class LiveAvatarEngine:
 
     def covered_audio(self, audio: np.ndarray, block: int) -> np.ndarray:
         """The samples block `block`'s frames cover (`LiveAvatarBlock.audio`), from the whole audio."""
-        return _samples(audio, *self.block_place(block).covered)
+        return _samples(audio, *self.block_place(block).span)
 
     def _block_start(self, block: int) -> int:
         """First sample of the audio that drives `block`."""
         return block * self.front.settings.block_video_frames * SAMPLES_PER_VIDEO_FRAME
 
-    def _cover_pushed_audio(self) -> list[LiveAvatarBlock]:
+    def _flush_resampler(self) -> list[LiveAvatarBlock]:
         out = self._feed(self.resampler.flush()) if self.resampler is not None else []
         self.resampler = None  # flushed: a later segment starts a fresh delay line
+        return out
+
+    def _cover_pushed_audio(self) -> list[LiveAvatarBlock]:
+        out = self._flush_resampler()
         target = self.blocks_covering(self.ring.total)
         if target > self.blocks:
             out += self._pad_to(self.front.planner.window(target - 1).stop)
@@ -330,13 +352,21 @@ class LiveAvatarEngine:
         t1 = clock()
         latents = self.stream.generate_block(feats.to(self.model.dtype))
         t2 = clock()
-        frames = self._decode(latents)
+        frames = self.decode_block(self.blocks, latents, self.stream.ref_latent)
         t3 = clock()
         p = self.block_place(self.blocks)
         return LiveAvatarBlock(self.blocks, latents, p.span, frames, first_frame=p.first_frame, pts=p.pts,
-                               audio=self.ring.read(*p.covered), timings={"audio": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2, "total": t3 - t0})
+                               audio=self.ring.read(*p.span),
+                               timings={"audio": t1 - t0, "denoise": t2 - t1, "decode": t3 - t2, "total": t3 - t0})
 
-    def _decode(self, latents: torch.Tensor) -> np.ndarray | None:
+    def decode_block(self, block: int, latents: torch.Tensor, ref_latent: torch.Tensor) -> np.ndarray | None:
+        """uint8 frames of block `block` (streaming decode); block 0 gets the lead frames first."""
         if self.decoder is None:
             return None
-        return frames_uint8(self.decoder.decode(latents.to(self.decoder.model.dtype)))
+        dtype = self.decoder.model.dtype
+        frames = frames_uint8(self.decoder.decode(latents.to(dtype)))
+        if block != 0:
+            return frames
+        with torch.no_grad():  # the session's reference as the VAE shows it: the look of the frames after it
+            still = frames_uint8(self.decoder.model.decode_offline(ref_latent[:1].to(dtype)))
+        return np.concatenate([np.repeat(still[:1], self.lead_frames, axis=0), frames])

@@ -6,8 +6,9 @@ its session inputs from `engine.session_inputs(image, prompt, seed)` (what `rese
 from). Rank 0 owns the audio: per block, `engine.block_features(audio, b)` (the engine's own
 front end, windows and flush padding) and `engine.covered_audio(audio, b)`, sent to the decode rank on
 the gloo side channel. The decode rank runs the engine's `StreamingDecoder` and builds each
-`LiveAvatarBlock` with `engine.block_place(b)`: frames, pts and audio equal a one-process engine fed
-`step(audio)` then `flush()`.
+`LiveAvatarBlock` with `engine.block_place(b)` (block 0's lead frames from the reference latent; the
+last block trimmed to the input as `flush()` does): frames, pts and audio equal a one-process engine
+fed `step(audio)` then `flush()`.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from runtime.audio.validate import check_chunk
 from runtime.pipeline import FailSpec, StageEvent, _stop, _wait, init_spawned_rank
 
 from .audio_front import SAMPLE_RATE
-from .engine import LiveAvatarBlock, LiveAvatarEngine
+from .engine import LiveAvatarBlock, LiveAvatarEngine, trim_to_input
 from .presets import engine_preset
 from .tpp import _report_error, _start, serve_rank
 from .tpp_layout import TppLayout, TppSession
@@ -38,19 +39,19 @@ __all__ = ["EngineDecoder", "TppBlocks", "run_liveavatar_tpp_audio"]
 class EngineDecoder:
     """The decode rank's `BlockDecoder`: the engine's streaming decode and output timeline."""
 
-    def __init__(self, engine: LiveAvatarEngine):
+    def __init__(self, engine: LiveAvatarEngine, ref_latent: torch.Tensor):
         if engine.decoder is None:
             raise ValueError("the decode rank's engine needs a decoder")
-        self.engine = engine
+        self.engine, self.ref_latent = engine, ref_latent  # the reference makes block 0's lead frames
         engine.decoder.reset()
 
     def covered_samples(self, counter: int) -> int:
-        lo, hi = self.engine.block_place(counter).covered
+        lo, hi = self.engine.block_place(counter).span
         return hi - lo
 
     def decode(self, counter: int, latents: torch.Tensor, audio: torch.Tensor) -> LiveAvatarBlock:
         start = time.perf_counter()
-        frames = self.engine._decode(latents)
+        frames = self.engine.decode_block(counter, latents, self.ref_latent)
         p = self.engine.block_place(counter)
         return LiveAvatarBlock(counter, latents, p.span, frames, first_frame=p.first_frame, pts=p.pts,
                                audio=audio.numpy().copy(), timings={"decode": time.perf_counter() - start})
@@ -99,7 +100,7 @@ def _spawned_rank(rank: int, job: _AvJob, root: str, backend: str) -> None:
         session = TppSession(ref, motion, prompt, settings, features, block_audio)
         events = serve_rank(rank, job.world_size, engine.model, session, device, meta,
                             lambda counter, block: _save_block(Path(root), counter, block), decode=True,
-                            decoder=EngineDecoder(engine) if decodes else None, fail_at=job.fail_at)
+                            decoder=EngineDecoder(engine, ref) if decodes else None, fail_at=job.fail_at)
         Path(root, f"trace{rank}.json").write_text(json.dumps([asdict(e) for e in events]))
         dist.destroy_process_group()
     except BaseException as e:  # noqa: BLE001 - every failure must reach the driver
@@ -157,7 +158,10 @@ def run_liveavatar_tpp_audio(preset: str, audio, reference_image: np.ndarray, *,
         blocks = sorted(root.glob("block*.pt"), key=lambda p: int(p.stem[5:]))
         trace = [StageEvent(**e) for r in range(layout.world_size)
                  for e in json.loads((root / f"trace{r}.json").read_text())]
-        return TppBlocks([_load_block(p) for p in blocks], trace, wall)
+        loaded = [_load_block(p) for p in blocks]
+        if loaded:  # as the engine's flush: no silence padding past the input's last frame
+            loaded[-1] = trim_to_input(loaded[-1], len(samples))
+        return TppBlocks(loaded, trace, wall)
     finally:
         _stop(procs, 0)
         shutil.rmtree(root, ignore_errors=True)
