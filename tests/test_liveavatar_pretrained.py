@@ -41,7 +41,7 @@ def test_release_files_load_and_stream(files):
     e.reset(synthetic_face(64, 64))
     audio = (0.2 * np.sin(np.arange(12000) / 16000 * 2 * np.pi * 200)).astype(np.float32)
     blocks = e.step(audio, 16000) + e.flush()
-    assert blocks and blocks[0].frames.shape == (9, 64, 64, 3)
+    assert blocks and blocks[0].frames.shape == (12, 64, 64, 3)  # 3 lead frames + 9 decoded
 
 
 def test_missing_files_are_all_named(files, tmp_path):

@@ -162,17 +162,24 @@ class LiveAvatarEngine:
         """Random weights of a preset's shapes (tiny: tests and demos; liveavatar-14b: benchmarks).
         `device_init`: draw the trunk's weights on the device (random_weights.materialize_random), not
         on the host: what makes the 14B trunk buildable in seconds on one GPU."""
-        from .build import random_engine
-        return random_engine(cls, preset, device, dtype, seed, quantize, decoder, device_init)
+        from .build import random_parts
+        return cls._of(random_parts(preset, device, dtype, seed, quantize, device_init), decoder)
 
     @classmethod
     def from_pretrained(cls, trunk_dir, lora_path, vae_path, wav2vec_dir, device=None, dtype=None,
                         quantize: str | None = None, preset: str = "liveavatar-14b") -> LiveAvatarEngine:
         """The release files: Wan2.2-S2V-14B shards, liveavatar.safetensors, Wan2.1_VAE.pth and a
         wav2vec2-large-xlsr-53-english Hugging Face directory. Strict; missing files are named first."""
-        from .build import pretrained_engine
-        return pretrained_engine(cls, (trunk_dir, lora_path, vae_path, wav2vec_dir), device, dtype, quantize,
-                                 preset)
+        from .build import pretrained_from_paths
+        return cls._of(pretrained_from_paths((trunk_dir, lora_path, vae_path, wav2vec_dir), device, dtype, quantize,
+                                             preset), True)
+
+    @classmethod
+    def _of(cls, parts, decoder: bool) -> LiveAvatarEngine:
+        engine = cls(None, parts.front, StreamingDecoder(parts.vae) if decoder else None, model=parts.model,
+                     vae=parts.vae, size=(parts.height, parts.width))
+        engine.quantization = parts.quantization
+        return engine
 
     # ---- session --------------------------------------------------------------------------------
     def reset(self, reference_image=None, prompt_embeds=None, seed: int | None = None) -> None:
