@@ -1,4 +1,4 @@
-"""`avatar bench --family liveavatar`: family 2 (Live Avatar, runtime/liveavatar) measured on one device.
+"""`avatar bench --family liveavatar`: family 2 (Live Avatar, runtime/families/liveavatar) measured on one device.
 
 End to end: a fresh session (reset with a synthetic face, untimed) streams synthetic speech through
 `LiveAvatarEngine.step` in `chunk_ms` chunks; every step() call is one span (CUDA events on a GPU,
@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from runtime.liveavatar.audio_front import SAMPLE_RATE, VIDEO_FPS
+from runtime.families.liveavatar.audio_front import SAMPLE_RATE, VIDEO_FPS
 from runtime.profiling import Timer, nvtx_range
 
 from .harness import (
@@ -44,10 +44,10 @@ def memory_budget(preset: str, quantize: str | None = None, dtype: torch.dtype =
 
     Trunk weights in `dtype` (FP8 linears at 1 byte), one KV ring per denoising step, the condition
     cache (reference + motion tokens) and text K/V, the VAE and wav2vec2, all in `dtype`."""
-    from runtime.liveavatar.fp8 import KEPT_IN_BF16
-    from runtime.liveavatar.model import build_liveavatar
-    from runtime.liveavatar.motion import motion_positions, reference_positions
-    from runtime.liveavatar.presets import engine_preset
+    from runtime.families.liveavatar.fp8 import KEPT_IN_BF16
+    from runtime.families.liveavatar.model import build_liveavatar
+    from runtime.families.liveavatar.motion import motion_positions, reference_positions
+    from runtime.families.liveavatar.presets import engine_preset
 
     p = engine_preset(preset)
     cfg = p.dit
@@ -75,7 +75,7 @@ def _token_hw(p) -> tuple[int, int]:
 
 
 def _side_models_params(p) -> int:
-    from runtime.liveavatar.presets import large_wav2vec2_config
+    from runtime.families.liveavatar.presets import large_wav2vec2_config
     from runtime.models.vae import WanVAE
 
     with torch.device("meta"):
@@ -84,7 +84,7 @@ def _side_models_params(p) -> int:
             from transformers import Wav2Vec2Model
             w2v = Wav2Vec2Model(large_wav2vec2_config())
         else:
-            from runtime.liveavatar.audio_front import tiny_wav2vec2
+            from runtime.families.liveavatar.audio_front import tiny_wav2vec2
             w2v = tiny_wav2vec2(p.dit.audio_layers, p.dit.audio_dim)
     return sum(t.numel() for m in (vae, w2v) for t in m.parameters())
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from runtime.checkpoint import CheckpointError
-from runtime.liveavatar import LiveAvatarConfig, build_liveavatar, check_index, release_index
+from runtime.families.liveavatar import LiveAvatarConfig, build_liveavatar, check_index, release_index
 
 
 def _release_shapes() -> dict[str, tuple[int, ...]]:

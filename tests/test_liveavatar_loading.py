@@ -7,14 +7,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from runtime.checkpoint import CheckpointError
-from runtime.liveavatar import (
+from runtime.families.liveavatar import (
     LiveAvatarConfig,
     LoraConfig,
     build_liveavatar,
     load_liveavatar,
     randomize_weights,
 )
-from runtime.liveavatar.lora import is_target
+from runtime.families.liveavatar.lora import is_target
 
 TINY = LiveAvatarConfig.from_preset("tiny")
 RANK, ALPHA = 128, 64.0  # the release's LoRA (s2v_causal_sft.yaml)

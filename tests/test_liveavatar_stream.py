@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.liveavatar import build_liveavatar, randomize_weights
-from runtime.liveavatar.stream import LiveAvatarStream, StreamSettings, drawn_sink_offset
+from runtime.families.liveavatar import build_liveavatar, randomize_weights
+from runtime.families.liveavatar.stream import LiveAvatarStream, StreamSettings, drawn_sink_offset
 from tests.test_liveavatar_forward import TINY, _audio_oracle, _ln, _rms, _time
 
 LH, LW, NFB = 8, 8, 3

@@ -63,11 +63,8 @@ def release_paths(root: Path) -> tuple[Path, Path, Path, Path]:
     `liveavatar.safetensors` at the top or in `Live-Avatar/` / `LiveAvatar/`, wav2vec2 at the top or in
     the trunk directory. Raises FileNotFoundError naming every missing part."""
     root = Path(root)
-    trunk = root / "Wan2.2-S2V-14B"
-    lora = _first(root / "liveavatar.safetensors", root / "Live-Avatar" / "liveavatar.safetensors",
-                  root / "LiveAvatar" / "liveavatar.safetensors")
-    w2v = _first(root / W2V_DIR, trunk / W2V_DIR)
-    paths = (trunk, lora, trunk / "Wan2.1_VAE.pth", w2v)
+    trunk, *loras, w2v_top, w2v_in_trunk = release_candidates(root)
+    paths = (trunk, _first(*loras), trunk / "Wan2.1_VAE.pth", _first(w2v_top, w2v_in_trunk))
     missing = [str(p.relative_to(root)) for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(f"{root}: not a Live Avatar release directory, missing {', '.join(missing)} "
@@ -76,6 +73,14 @@ def release_paths(root: Path) -> tuple[Path, Path, Path, Path]:
 
 
 W2V_DIR = "wav2vec2-large-xlsr-53-english"
+
+
+def release_candidates(root: Path) -> tuple[Path, ...]:
+    """Where the release's parts may be: the trunk dir, three LoRA places, two wav2vec2 places."""
+    root = Path(root)
+    trunk = root / "Wan2.2-S2V-14B"
+    return (trunk, root / "liveavatar.safetensors", root / "Live-Avatar" / "liveavatar.safetensors",
+            root / "LiveAvatar" / "liveavatar.safetensors", root / W2V_DIR, trunk / W2V_DIR)
 
 
 def _first(*candidates: Path) -> Path:
