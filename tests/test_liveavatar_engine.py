@@ -17,17 +17,11 @@ from runtime.families.liveavatar.audio_front import HOP, FrontEndSettings, Wav2V
 from runtime.families.liveavatar.build import FamilyParts
 from runtime.media import synthetic_face
 from runtime.models.streaming import StreamingDecoder
+from tests.test_liveavatar_forward import _one_thread  # noqa: F401 - autouse: one torch thread
 
 SR = 16000
 FACE = synthetic_face(64, 64)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -15,18 +15,11 @@ from runtime.families.liveavatar import (
     randomize_weights,
 )
 from runtime.families.liveavatar.lora import is_target
+from tests.test_liveavatar_forward import _one_thread  # noqa: F401 - autouse: one torch thread
 
 TINY = LiveAvatarConfig.from_preset("tiny")
 RANK, ALPHA = 128, 64.0  # the release's LoRA (s2v_causal_sft.yaml)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: thread hand-offs cost more than the maths (and other jobs share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tiny_state(seed=0) -> dict[str, torch.Tensor]:

@@ -10,17 +10,11 @@ from runtime.audio.validate import AudioInputError
 from runtime.engine import Engine
 from runtime.families.liveavatar.reference import encode_reference
 from runtime.media import synthetic_face
+from tests.test_liveavatar_forward import _one_thread  # noqa: F401 - autouse: one torch thread
 
 SR, HOP = 16000, 12 * 640  # one block drives 12 video frames of 640 samples
 FACE = synthetic_face(64, 64)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,10 @@ import torch
 from runtime.engine import Engine
 from runtime.errors import BlockFailedError, SessionFailedError
 from runtime.media import synthetic_face
+from tests.test_liveavatar_forward import _one_thread  # noqa: F401 - autouse: one torch thread
 
 SR = 16000
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -15,18 +15,11 @@ from runtime.families.liveavatar import LiveAvatarStream, StreamSettings, build_
 from runtime.families.liveavatar.tpp import PipelineError, TppLayout, run_liveavatar_tpp
 from runtime.families.liveavatar.tpp_engine import run_liveavatar_tpp_audio
 from runtime.families.liveavatar.tpp_step import NoiseSource, StepState
-from tests.test_liveavatar_forward import TINY
+from tests.test_liveavatar_forward import TINY, _one_thread  # noqa: F401 - autouse
 
 LH, LW, BLOCKS, WEIGHTS_SEED = 8, 8, 7, 3
 SETTINGS = StreamSettings(seed=5, adaptive_sink_block=4)  # rd drawn per (block, step): the rolling sink moves
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as every rank: the comparison is exact
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
