@@ -171,15 +171,20 @@ def test_interrupt_drops_pending_audio_and_the_next_speech_drives_the_next_block
         assert s.interrupt() == len(speech) - HOP  # what block 1 of the speech would have used
 
 
-def test_idle_and_end_segment_leave_speech_starting_at_the_next_block(engine):
+def test_idle_and_end_segment(engine):
+    """idle(n): n blocks of silence; the core keeps the lookahead's silence queued (the next speech
+    follows it). end_segment(): the queued silence past the last block is dropped, so the next speech
+    starts at a block boundary."""
+    lookahead = engine.family.timeline.lookahead_frames * 640
     with engine.open(FACE) as s:
         idle = s.idle(2)
-        assert [b.index for b in idle] == [0, 1] and s.pending_samples == 0
-        assert all(not b.audio.any() for b in idle)
+        assert [b.index for b in idle] == [0, 1] and all(not b.audio.any() for b in idle)
+        assert s.pending_samples == lookahead
         speech = _audio(HOP + 2000, seed=3)
         blocks = s.step(speech, SR) + s.end_segment()
+        heard = np.concatenate([np.zeros(lookahead, np.float32), speech])
         assert [b.index for b in blocks] == [2, 3] and s.pending_samples == 0
-        assert np.array_equal(blocks[0].audio, speech[:HOP]) and np.array_equal(blocks[1].audio[:2000], speech[HOP:])
+        assert np.array_equal(np.concatenate([b.audio for b in blocks])[:len(heard)], heard)
         longer = _audio(HOP + 6000, seed=4)
         after = s.step(longer, SR)
         assert after[0].index == 4 and np.array_equal(after[0].audio, longer[:HOP])

@@ -78,8 +78,9 @@ class LiveAvatar(Family):
         if blocks != 4 * self.model.cfg.block_frames:
             raise ValueError(f"front end makes blocks of {blocks} video frames, the trunk takes "
                              f"{4 * self.model.cfg.block_frames}")
+        # trim_flush: no input audio is lost and none is added (block 0's lead frames cover its first 120 ms)
         self.timeline = Timeline(SAMPLE_RATE, VIDEO_FPS, parts.height, parts.width, first_block_frames=blocks,
-                                 block_frames=blocks, lookahead_frames=self._lookahead_frames())
+                                 block_frames=blocks, lookahead_frames=self._lookahead_frames(), trim_flush=True)
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod

@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from runtime.core.blocks import VideoBlock
+from runtime.core.blocks import VideoBlock, cut_to_frames
 
 from runtime.audio.validate import check_chunk
 from runtime.models.streaming import StreamingDecoder
 from runtime.pipeline import FailSpec, StageEvent, _stop, _wait, init_spawned_rank
 
-from .audio_front import SAMPLE_RATE
+from .audio_front import SAMPLE_RATE, SAMPLES_PER_VIDEO_FRAME
 from .family import PRESET_OF, LiveAvatar, window_samples
 from .presets import engine_preset
 from .tpp import _report_error, _start, serve_rank
@@ -171,7 +171,9 @@ def run_liveavatar_tpp_audio(preset: str, audio, reference_image: np.ndarray, *,
         trace = [StageEvent(**e) for r in range(layout.world_size)
                  for e in json.loads((root / f"trace{r}.json").read_text())]
         loaded = [_load_block(p) for p in blocks]
-        return TppBlocks([b for b, _ in loaded], [x for _, x in loaded], trace, wall)
+        end = -(-len(samples) // SAMPLES_PER_VIDEO_FRAME)  # as a session's flush: no padding past the input
+        return TppBlocks([cut_to_frames(b, end, SAMPLES_PER_VIDEO_FRAME) for b, _ in loaded],
+                         [x for _, x in loaded], trace, wall)
     finally:
         _stop(procs, 0)
         shutil.rmtree(root, ignore_errors=True)
