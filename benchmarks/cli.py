@@ -220,7 +220,7 @@ def _write_report(report: dict, table: str, json_out: Path | None) -> None:
 
 def bench(
     family: Annotated[str, typer.Option("--family", help="livetalk (family 1, runtime.engine) or liveavatar "
-                                        "(family 2, runtime.liveavatar: presets tiny, liveavatar-14b).")]
+                                        "(family 2, runtime.families.liveavatar: presets tiny, liveavatar-14b).")]
     = "livetalk",
     preset: Annotated[str, typer.Option("--preset", help="Config preset (tiny, livetalk-1.3b, ...; "
                                         "liveavatar-14b with --family liveavatar): random weights of its real "
