@@ -116,15 +116,17 @@ def test_resampled_24khz_chunking_is_bitwise_invariant(engine):
             s.step(audio[:100], 22050, resample=True)
 
 
-@pytest.mark.parametrize("bad, rate, resample", [
-    (np.zeros((2, 800), np.float32), SR, False), (np.full(800, np.nan, np.float32), SR, False),
-    (np.full(800, 2.0, np.float32), 24000, True), (np.zeros(800), SR, False)])
-def test_bad_audio_changes_nothing(engine, bad, rate, resample):
+@pytest.mark.parametrize("bad, rate, resample, match", [
+    (np.zeros((2, 800), np.float32), SR, False, "1-D"), (np.full(800, np.nan, np.float32), SR, False, "NaN"),
+    (np.full(800, 2.0, np.float32), 24000, True, r"\[-1, 1\]"), (np.full(800, 2.0, np.float32), SR, False, r"\[-1, 1\]"),
+    (np.zeros(800), SR, False, "dtype"), (np.zeros(800, np.float32), 44100, False, "resampl"),
+    ([0.0] * 800, SR, False, "numpy")])
+def test_bad_audio_changes_nothing(engine, bad, rate, resample, match):
     x = _audio(2 * HOP, seed=4)
     with engine.open(FACE) as a, engine.open(FACE) as b:
         a.step(x[:9000], SR)
         b.step(x[:9000], SR)
-        with pytest.raises(AudioInputError):
+        with pytest.raises(AudioInputError, match=match):
             a.step(bad, rate, resample=resample)
         assert a.state.resampler is None and a.pending_samples == b.pending_samples
         assert _same(a.step(x[9000:], SR) + a.flush(), b.step(x[9000:], SR) + b.flush())
