@@ -191,6 +191,9 @@ class StreamBench:
             with nvtx_range("bench.liveavatar.step", i):
                 outputs.append(self.engine.step(chunk, sample_rate=SAMPLE_RATE))
             stamps.append((start, timer.timestamp()))
+        start = timer.timestamp()  # the blocks still in flight (the round runner's lanes) count too
+        outputs.append(self.engine.drain())
+        stamps.append((start, timer.timestamp()))
         self.memory.stop()
         first = next((i for i, blocks in enumerate(outputs) if blocks), None)
         if first is None or sum(map(len, outputs)) < 2:
