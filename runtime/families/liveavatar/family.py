@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from runtime.core.blocks import VideoBlock, check_finite, frames_uint8
-from runtime.core.rounds import Task
-from runtime.families.base import Family, Row, SessionState, Timeline
 
 from runtime.audio import AudioStream
 from runtime.config import AudioConfig
+from runtime.core.blocks import VideoBlock, check_finite, frames_uint8
+from runtime.core.rounds import Task
 from runtime.families import register
+from runtime.families.base import Family, Row, SessionState, Timeline
 from runtime.models.streaming import StreamingDecoder
 
 from .audio_front import SAMPLE_RATE, SAMPLES_PER_VIDEO_FRAME, VIDEO_FPS

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from runtime.core.blocks import VideoBlock, cut_to_frames
 
 from runtime.audio.validate import check_chunk
+from runtime.core.blocks import VideoBlock, cut_to_frames
 from runtime.models.streaming import StreamingDecoder
 from runtime.pipeline import FailSpec, StageEvent, _stop, _wait, init_spawned_rank
 
