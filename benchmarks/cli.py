@@ -148,7 +148,7 @@ def _check_device_dtype(device: str | None, dtype: str | None) -> None:
 
 
 def _liveavatar_presets() -> tuple[str, ...]:
-    from runtime.liveavatar.presets import ENGINE_PRESETS
+    from runtime.families.liveavatar.presets import ENGINE_PRESETS
 
     return tuple(sorted(ENGINE_PRESETS))
 
@@ -182,8 +182,9 @@ def _fits_on_device(preset: str, device, quantize: str | None) -> None:
 def _liveavatar_engine(preset: str, device: str | None, dtype: str | None, seed: int, quantize: str | None):
     import torch
 
-    from runtime.engine import _FP8_MODES, _default_device_dtype
-    from runtime.liveavatar import LiveAvatarEngine
+    from runtime.engine import _FP8_MODES, Engine, _default_device_dtype
+    from runtime.families.liveavatar import LiveAvatar
+    from runtime.families.liveavatar.build import random_parts
 
     _check_device_dtype(device, dtype)
     if quantize is not None and quantize not in _FP8_MODES:
@@ -192,7 +193,7 @@ def _liveavatar_engine(preset: str, device: str | None, dtype: str | None, seed:
     dev, dt = _default_device_dtype(device, getattr(torch, dtype) if dtype else None)
     _fits_on_device(preset, dev, _FP8_MODES[quantize] if quantize else None)
     try:
-        return LiveAvatarEngine.random(preset, device=dev, dtype=dt, seed=seed, quantize=quantize, device_init=True)
+        return Engine(LiveAvatar(random_parts(preset, dev, dt, seed, quantize, device_init=True), max_sessions=1))
     except (ValueError, RuntimeError) as e:  # e.g. an FP8 mode this device cannot run
         raise typer.BadParameter(str(e), param_hint="--quantize" if quantize else "--device") from e
 
@@ -219,7 +220,7 @@ def _write_report(report: dict, table: str, json_out: Path | None) -> None:
 
 def bench(
     family: Annotated[str, typer.Option("--family", help="livetalk (family 1, runtime.engine) or liveavatar "
-                                        "(family 2, runtime.liveavatar: presets tiny, liveavatar-14b).")]
+                                        "(family 2, runtime.families.liveavatar: presets tiny, liveavatar-14b).")]
     = "livetalk",
     preset: Annotated[str, typer.Option("--preset", help="Config preset (tiny, livetalk-1.3b, ...; "
                                         "liveavatar-14b with --family liveavatar): random weights of its real "

@@ -1,7 +1,7 @@
-"""`avatar bench --family liveavatar`: family 2 (Live Avatar, runtime/liveavatar) measured on one device.
+"""`avatar bench --family liveavatar`: family 2 (Live Avatar, runtime/families/liveavatar) measured on one device.
 
 End to end: a fresh session (reset with a synthetic face, untimed) streams synthetic speech through
-`LiveAvatarEngine.step` in `chunk_ms` chunks; every step() call is one span (CUDA events on a GPU,
+`Engine.step` (family 2, the one-session shorthand) in `chunk_ms` chunks; every step() call is one span (CUDA events on a GPU,
 perf_counter on the CPU) and blocks get their call's share (harness.block_shares). Block 0 is the
 first-block figure; p50/p99, FPS (frames emitted / wall time after block 0) and the stage medians
 cover the later blocks. On CUDA the engine's stage clock synchronises the device, so the audio /
@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from runtime.liveavatar.audio_front import SAMPLE_RATE, VIDEO_FPS
+from runtime.families.liveavatar.audio_front import SAMPLE_RATE, VIDEO_FPS
 from runtime.profiling import Timer, nvtx_range
 
 from .harness import (
@@ -44,10 +44,10 @@ def memory_budget(preset: str, quantize: str | None = None, dtype: torch.dtype =
 
     Trunk weights in `dtype` (FP8 linears at 1 byte), one KV ring per denoising step, the condition
     cache (reference + motion tokens) and text K/V, the VAE and wav2vec2, all in `dtype`."""
-    from runtime.liveavatar.fp8 import KEPT_IN_BF16
-    from runtime.liveavatar.model import build_liveavatar
-    from runtime.liveavatar.motion import motion_positions, reference_positions
-    from runtime.liveavatar.presets import engine_preset
+    from runtime.families.liveavatar.fp8 import KEPT_IN_BF16
+    from runtime.families.liveavatar.model import build_liveavatar
+    from runtime.families.liveavatar.motion import motion_positions, reference_positions
+    from runtime.families.liveavatar.presets import engine_preset
 
     p = engine_preset(preset)
     cfg = p.dit
@@ -75,7 +75,7 @@ def _token_hw(p) -> tuple[int, int]:
 
 
 def _side_models_params(p) -> int:
-    from runtime.liveavatar.presets import large_wav2vec2_config
+    from runtime.families.liveavatar.presets import large_wav2vec2_config
     from runtime.models.vae import WanVAE
 
     with torch.device("meta"):
@@ -84,14 +84,14 @@ def _side_models_params(p) -> int:
             from transformers import Wav2Vec2Model
             w2v = Wav2Vec2Model(large_wav2vec2_config())
         else:
-            from runtime.liveavatar.audio_front import tiny_wav2vec2
+            from runtime.families.liveavatar.audio_front import tiny_wav2vec2
             w2v = tiny_wav2vec2(p.dit.audio_layers, p.dit.audio_dim)
     return sum(t.numel() for m in (vae, w2v) for t in m.parameters())
 
 
 def resident_memory(engine) -> dict:
     """What the built engine's session actually holds, in GB (call after reset)."""
-    stream = engine.stream
+    stream = engine._session.stream
     cond = stream.cond.keys + stream.cond.values
     return {"trunk_weights_gb": _nbytes(engine.model.parameters()) / GB,
             "rings_gb": sum(r.nbytes for r in stream.rings) / GB, "condition_gb": _nbytes(cond) / GB,
@@ -119,7 +119,7 @@ def liveavatar_settings(engine, preset: str) -> dict:
         "window": {"block_frames": cfg.block_frames, "block_video_frames": 4 * cfg.block_frames,
                    "ring_frames": cfg.ring_frames, "rings": cfg.num_steps, "tokens_per_frame": tokens,
                    "ring_tokens": cfg.ring_frames * tokens},
-        "denoise_steps": cfg.num_steps, "decoder": "wan" if engine.decoder is not None else None,
+        "denoise_steps": cfg.num_steps, "decoder": "wan",
     }
 
 
@@ -129,14 +129,14 @@ def _device(engine) -> torch.device:
 
 def blocks_in_audio(engine, samples: int) -> int:
     """Blocks the engine emits from `samples` samples (each needs its window, lookahead included)."""
-    n = 0
-    while engine.front.planner.window(n).stop <= samples:
+    n, t = 0, engine.family.timeline
+    while t.samples_to_run(n) <= samples:
         n += 1
     return n
 
 
 def seconds_for_blocks(engine, blocks: int) -> float:
-    return engine.front.planner.window(blocks - 1).stop / SAMPLE_RATE
+    return engine.family.timeline.samples_to_run(blocks - 1) / SAMPLE_RATE
 
 
 # ---- end to end -------------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def synced_clock(device: torch.device):
 
 
 class StreamBench:
-    """End-to-end measurement of a LiveAvatarEngine (module docstring); warmup/prepare/run_round as harness."""
+    """End-to-end measurement of a Live Avatar engine (module docstring); warmup/prepare/run_round as harness."""
 
     def __init__(self, engine, seconds: float, chunk_ms: float = 40.0, warmup_blocks: int = 2, seed: int = 0):
         from runtime.media import synth_speech_like, synthetic_face
@@ -171,7 +171,7 @@ class StreamBench:
         self.timer, self.memory = Timer(self.device), PeakMemory(self.device)
         self.rounds: list[dict] = []
         if self.device.type == "cuda":
-            engine.stage_clock = synced_clock(self.device)
+            engine.family.stage_clock = synced_clock(self.device)
 
     def _chunks(self):
         return audio_chunks(self.audio, self.chunk)
@@ -191,6 +191,9 @@ class StreamBench:
             with nvtx_range("bench.liveavatar.step", i):
                 outputs.append(self.engine.step(chunk, sample_rate=SAMPLE_RATE))
             stamps.append((start, timer.timestamp()))
+        start = timer.timestamp()  # the blocks still in flight (the round runner's lanes) count too
+        outputs.append(self.engine.drain())
+        stamps.append((start, timer.timestamp()))
         self.memory.stop()
         first = next((i for i, blocks in enumerate(outputs) if blocks), None)
         if first is None or sum(map(len, outputs)) < 2:
@@ -234,10 +237,10 @@ class ForwardBench:
     def __init__(self, engine, forwards: int = 8, warmup: int = 2, seed: int = 0):
         if forwards < 1:
             raise ValueError(f"forwards must be >= 1, got {forwards}")
-        if engine.stream is None:
+        if engine._session is None:
             raise RuntimeError("reset(reference_image) the engine before the DiT-only measurement")
         self.engine, self.forwards, self.warmup_forwards, self.seed = engine, forwards, max(0, warmup), seed
-        self.stream, self.model, self.cfg = engine.stream, engine.model, engine.model.cfg
+        self.stream, self.model, self.cfg = engine._session.stream, engine.model, engine.model.cfg
         self.device = _device(engine)
         self.ring = self.stream.rings[0]
         self.full_at = self.ring.slots // self.cfg.block_frames  # first block counter whose ring is full
@@ -280,7 +283,7 @@ class ForwardBench:
                 self._forward(self.full_at + self.warmup_forwards + j, x, audio)
         self.forward_s += self.timer.resolve()["forward"]
         self.memory.stop()
-        self.engine.reset()  # the session's ring 0 holds noise now: start it again
+        self.stream.reset()  # the session's ring 0 holds noise now: start its stream again
 
     def measurement(self) -> dict:
         if not self.forward_s:

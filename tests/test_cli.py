@@ -262,6 +262,6 @@ def test_demo_family_liveavatar_writes_an_mp4_of_the_tiny_preset(tmp_path):
     with av.open(str(out)) as c:
         video = c.streams.video[0]
         frames = sum(1 for _ in c.decode(video))
-    assert (video.width, video.height) == (64, 64) and frames == 9 + 12 * 2  # 1.2 s: blocks of 9, 12, 12
+    assert (video.width, video.height) == (64, 64) and frames == 30  # 1.2 s = 30 frames: no audio lost (12, 12, 6)
     bad = runner.invoke(cli.app, ["demo", "--family", "wan", "--out", str(out)])
     assert bad.exit_code != 0 and "family" in bad.output

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from benchmarks import cli as bench_cli
 from benchmarks.harness import block_shares
 from benchmarks.liveavatar import memory_budget
-from runtime.liveavatar.model import build_liveavatar
-from runtime.liveavatar.random_weights import materialize_random
+from runtime.families.liveavatar.model import build_liveavatar
+from runtime.families.liveavatar.random_weights import materialize_random
 
 runner = CliRunner()
 

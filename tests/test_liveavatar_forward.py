@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.liveavatar import LiveAvatarConfig, build_liveavatar, randomize_weights
-from runtime.liveavatar.motion import motion_positions, noisy_positions, reference_positions
-from runtime.liveavatar.rope import Positions, Rope, apply_rope
+from runtime.families.liveavatar import LiveAvatarConfig, build_liveavatar, randomize_weights
+from runtime.families.liveavatar.motion import motion_positions, noisy_positions, reference_positions
+from runtime.families.liveavatar.rope import Positions, Rope, apply_rope
 
 TINY = LiveAvatarConfig.from_preset("tiny")
 NF, LH, LW = 3, 8, 8  # one block of 3 latent frames at a tiny 8x8 latent (4x4 tokens)
@@ -39,7 +39,7 @@ def _inputs(seed=0, t=700.0):
 
 
 # ---- an oracle in upstream's formulation ----------------------------------------------------------
-# Everything below is re-derived from the upstream sources, not from runtime/liveavatar: one joint
+# Everything below is re-derived from the upstream sources, not from runtime/families/liveavatar: one joint
 # sequence [noisy | ref | motion] with Live Avatar's training block mask (causal_model_s2v.py,
 # _prepare_blockwise_causal_attn_mask), per-token modulation by segment (zero_timestep), RoPE as
 # complex float64 multipliers placed by rope_precompute's grid groups, audio via MotionEncoder_tc.

@@ -1,9 +1,9 @@
-"""FP8 for family 2 (runtime/liveavatar/fp8.py): upstream's selection, and the forward stays close."""
+"""FP8 for family 2 (runtime/families/liveavatar/fp8.py): upstream's selection, and the forward stays close."""
 import torch
 from torch import nn
 
-from runtime.liveavatar import LiveAvatarConfig, build_liveavatar, randomize_weights
-from runtime.liveavatar.fp8 import quantize_liveavatar_fp8
+from runtime.families.liveavatar import LiveAvatarConfig, build_liveavatar, randomize_weights
+from runtime.families.liveavatar.fp8 import quantize_liveavatar_fp8
 from runtime.models.fp8 import Fp8Linear
 
 TINY = LiveAvatarConfig.from_preset("tiny")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from runtime.checkpoint import CheckpointError
-from runtime.liveavatar import LiveAvatarConfig, build_liveavatar, check_index, release_index
+from runtime.families.liveavatar import LiveAvatarConfig, build_liveavatar, check_index, release_index
 
 
 def _release_shapes() -> dict[str, tuple[int, ...]]:
@@ -112,10 +112,30 @@ def test_index_check_names_missing_and_unexpected_keys():
     assert "causal_audio_encoder.weights" in str(err.value)
 
 
-def test_sampler_is_the_spec_schedule():
+# The release's schedule: diffusers 0.42.1 FlowMatchEulerDiscreteScheduler(1000, shift=3).set_timesteps(4)
+# `.timesteps` / `.sigmas` (fp32 tensors), printed with .tolist() once and written here.
+RELEASE_TIMESTEPS = (1000.0, 857.6923217773438, 602.1505737304688, 8.928571701049805)
+RELEASE_SIGMAS = (1.0, 0.857692301273346, 0.602150559425354, 0.008928571827709675, 0.0)
+
+
+def test_sampler_is_the_release_schedule_bit_for_bit():
     cfg = LiveAvatarConfig.from_preset("liveavatar-14b")
-    assert cfg.timesteps == pytest.approx((1000.0, 857.69, 602.15, 8.93), abs=0.005)
-    assert cfg.sigmas == pytest.approx((1.0, 0.8577, 0.6022, 0.00893, 0.0), abs=5e-5)
+    assert cfg.timesteps == RELEASE_TIMESTEPS and cfg.sigmas == RELEASE_SIGMAS  # exact, not approx
+    assert torch.tensor(cfg.timesteps, dtype=torch.float32).tolist() == list(RELEASE_TIMESTEPS)
+    # what a float64 schedule gives at step 2 (602.15054 -> fp32 602.15051) is one fp32 ulp off the release
+    t64 = 1000 + (cfg._sigma_range()[1] * 1000 - 1000) * 2 / 3
+    sigma64 = 3 * (t64 / 1000) / (1 + 2 * (t64 / 1000))
+    assert float(torch.tensor(sigma64 * 1000, dtype=torch.float32)) != RELEASE_TIMESTEPS[2]
+
+
+@pytest.mark.parametrize("steps, shift", [(1, 3.0), (2, 1.0), (4, 3.0), (4, 5.0), (7, 3.0), (50, 3.0)])
+def test_sampler_equals_diffusers_scheduler(steps, shift):
+    """Against the scheduler itself where diffusers is installed (it is not a project dependency)."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    sched.set_timesteps(steps)
+    cfg = LiveAvatarConfig(num_steps=steps, sample_shift=shift)
+    assert cfg.timesteps == tuple(sched.timesteps.tolist()) and cfg.sigmas == tuple(sched.sigmas.tolist())
 
 
 def test_tiny_keeps_the_structure():

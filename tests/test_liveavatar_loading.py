@@ -7,26 +7,19 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from runtime.checkpoint import CheckpointError
-from runtime.liveavatar import (
+from runtime.families.liveavatar import (
     LiveAvatarConfig,
     LoraConfig,
     build_liveavatar,
     load_liveavatar,
     randomize_weights,
 )
-from runtime.liveavatar.lora import is_target
+from runtime.families.liveavatar.lora import is_target
+from tests.test_liveavatar_forward import _one_thread  # noqa: F401 - autouse: one torch thread
 
 TINY = LiveAvatarConfig.from_preset("tiny")
 RANK, ALPHA = 128, 64.0  # the release's LoRA (s2v_causal_sft.yaml)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: thread hand-offs cost more than the maths (and other jobs share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tiny_state(seed=0) -> dict[str, torch.Tensor]:

@@ -13,21 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.liveavatar import build_liveavatar, randomize_weights
-from runtime.liveavatar.stream import LiveAvatarStream, StreamSettings, drawn_sink_offset
-from tests.test_liveavatar_forward import TINY, _audio_oracle, _ln, _rms, _time
+from runtime.families.liveavatar import build_liveavatar, randomize_weights
+from runtime.families.liveavatar.stream import LiveAvatarStream, StreamSettings, drawn_sink_offset
+from tests.test_liveavatar_forward import TINY, _audio_oracle, _ln, _one_thread, _rms, _time  # noqa: F401 - autouse
 
 LH, LW, NFB = 8, 8, 3
 H_, W_ = LH // 2, LW // 2
 T = H_ * W_
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """The one block type of every family, and the checks every block passes before it leaves."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +20,17 @@ class VideoBlock:
     @property
     def num_frames(self) -> int:
         return int(self.frames.shape[0])
+
+
+def cut_to_frames(block: VideoBlock, end_frame: int, samples_per_frame: int) -> VideoBlock:
+    """`block` without its frames from stream frame `end_frame` on, and without their audio."""
+    keep = end_frame - block.first_frame
+    if keep >= block.num_frames:
+        return block
+    if keep < 1:
+        raise ValueError(f"block {block.index} starts at frame {block.first_frame}, at or after frame {end_frame}")
+    return dataclasses.replace(block, frames=block.frames[:keep].copy(),
+                               audio=block.audio[:keep * samples_per_frame].copy())
 
 
 def frames_uint8(video: torch.Tensor) -> np.ndarray:

@@ -33,7 +33,7 @@ import numpy as np
 from ..audio import Resampler, check_chunk
 from ..errors import AtCapacityError, BlockFailedError
 from ..families import BATCH, Family, Row, families, family_for
-from .blocks import VideoBlock
+from .blocks import VideoBlock, cut_to_frames
 from .rounds import InlineRunner
 from .session import Session
 
@@ -295,10 +295,14 @@ class Engine:
 
     def _session_flush(self, session: Session) -> list[VideoBlock]:
         """Pad with silence so every pushed sample is covered by a block, emit the rest, end the stream."""
-        s = self._open_state(session)
-        self._cover_pushed_audio(session)
+        s, t = self._open_state(session), self.family.timeline
+        pushed = self._cover_pushed_audio(session)
         s.flushed = True
-        return self._collect(session, wait=True)
+        blocks = self._collect(session, wait=True)
+        if not t.trim_flush:
+            return blocks
+        end = -(-pushed // t.samples_per_frame)  # the input's frames, rounded up
+        return [cut_to_frames(b, end, t.samples_per_frame) for b in blocks]
 
     def _session_drain(self, session: Session) -> list[VideoBlock]:
         self._open_state(session)
@@ -315,13 +319,16 @@ class Engine:
             s.audio.truncate(self.family.timeline.block_start(s.block))
         return self._collect(session, wait=True)
 
-    def _cover_pushed_audio(self, session: Session) -> None:
+    def _cover_pushed_audio(self, session: Session) -> int:
+        """Pads with silence until every pushed sample is in a block; returns the samples pushed before."""
         s, t = session.state, self.family.timeline
         if s.resampler is not None:
             self._feed(session, s.resampler.flush())
+        pushed = s.audio.total_samples
         last = t.last_block_to_flush(s.block, s.audio.total_samples)
         if last is not None:
             self._feed(session, np.zeros(max(0, t.samples_to_run(last) - s.audio.total_samples), np.float32))
+        return pushed
 
     def _session_next_block(self, session: Session) -> int:
         return self._open_state(session).block

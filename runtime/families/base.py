@@ -65,6 +65,9 @@ class Timeline:
     first_block_frames: int
     block_frames: int
     lookahead_frames: int = 0
+    # flush() cuts its last block to the frames that cover the pushed audio (rounded up to a whole frame),
+    # so no silence padding leaves the engine: N samples in, ceil(N / spf) frames and their audio out
+    trim_flush: bool = False
 
     def __post_init__(self):
         if self.sample_rate % self.fps:

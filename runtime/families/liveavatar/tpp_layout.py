@@ -1,4 +1,4 @@
-"""Rank layout and session inputs of Live Avatar TPP (see runtime/liveavatar/tpp.py)."""
+"""Rank layout and session inputs of Live Avatar TPP (see runtime/families/liveavatar/tpp.py)."""
 from __future__ import annotations
 
 from collections.abc import Iterable

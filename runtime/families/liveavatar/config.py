@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import numpy as np
+import torch
+
 from kernels.rope import rope_split
 
 
@@ -119,24 +122,37 @@ class LiveAvatarConfig:
         """Leading audio-encoder outputs that belong to the prepended copies: ceil(prepend / 4)."""
         return -(-self.audio_prepend_frames // 4)
 
-    # ---- sampler (diffusers FlowMatchEulerDiscreteScheduler.set_timesteps, no dynamic shifting) ----
-    def _shift(self, s: float) -> float:
-        return self.sample_shift * s / (1 + (self.sample_shift - 1) * s)
+    # ---- sampler: diffusers FlowMatchEulerDiscreteScheduler(1000, shift).set_timesteps(num_steps), the
+    # release's scheduler (causal_s2v_pipeline: `sample_scheduler.timesteps`), step for step in its dtypes:
+    # the training sigmas in fp32 (__init__), the linspace and shift in float64 (numpy), then fp32 sigmas
+    # and fp32 timesteps = sigmas * 1000. The float64 product differs in the last fp32 bit (602.1505 vs
+    # the release's 602.1506 at step 2), so the fp32 multiply is kept. ----
+    def _sigma_range(self) -> tuple[float, float]:
+        """(sigma_max, sigma_min) as the scheduler's __init__ computes them: fp32 tensors, shifted."""
+        n = self.num_train_timesteps
+        t = torch.from_numpy(np.linspace(1, n, n, dtype=np.float32)[::-1].copy())
+        s = t / n
+        s = self.sample_shift * s / (1 + (self.sample_shift - 1) * s)
+        return s[0].item(), s[-1].item()
+
+    def _schedule(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (sigmas [num_steps + 1] ending in 0, timesteps [num_steps])."""
+        n = self.num_train_timesteps
+        sigma_max, sigma_min = self._sigma_range()
+        s = np.linspace(sigma_max * n, sigma_min * n, self.num_steps) / n
+        s = self.sample_shift * s / (1 + (self.sample_shift - 1) * s)
+        sigmas = torch.from_numpy(s).to(torch.float32)
+        return torch.cat([sigmas, torch.zeros(1)]), sigmas * n
 
     @property
     def sigmas(self) -> tuple[float, ...]:
-        """num_steps + 1 sigmas ending in 0: (1, .8577, .6022, .00893, 0) at the release."""
-        n = self.num_train_timesteps
-        sigma_min = self._shift(1.0 / n)  # the scheduler's smallest training sigma, already shifted
-        t_max, t_min = n * 1.0, sigma_min * n
-        steps = self.num_steps
-        ts = [t_max + (t_min - t_max) * i / (steps - 1) for i in range(steps)] if steps > 1 else [t_max]
-        return tuple(self._shift(t / n) for t in ts) + (0.0,)
+        """num_steps + 1 fp32 sigmas ending in 0: (1, .8577, .6022, .00893, 0) at the release."""
+        return tuple(self._schedule()[0].tolist())
 
     @property
     def timesteps(self) -> tuple[float, ...]:
-        """Network timesteps, sigma * 1000: (1000, 857.69, 602.15, 8.93) at the release."""
-        return tuple(s * self.num_train_timesteps for s in self.sigmas[:-1])
+        """Network timesteps, fp32 sigma * 1000: (1000, 857.6923, 602.1506, 8.9286) at the release."""
+        return tuple(self._schedule()[1].tolist())
 
     @classmethod
     def from_preset(cls, name: str) -> LiveAvatarConfig:

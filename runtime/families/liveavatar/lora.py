@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checkpoint import CheckpointError
+from ...checkpoint import CheckpointError
 from .config import LoraConfig
 
 PEFT_PREFIX = "base_model.model."

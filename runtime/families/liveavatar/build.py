@@ -1,4 +1,4 @@
-"""Building a `LiveAvatarEngine`: random weights of a preset, or the release files.
+"""Building family 2's parts: random weights of a preset, or the release files.
 
 The release (docs/liveavatar.md): `Wan2.2-S2V-14B/` (4 safetensors shards + index json + config.json),
 `liveavatar.safetensors` (the LoRA, merged once), `Wan2.2-S2V-14B/Wan2.1_VAE.pth` (read with
@@ -7,6 +7,7 @@ weights_only=True) and `wav2vec2-large-xlsr-53-english/` (a Hugging Face directo
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,20 +17,32 @@ from runtime.audio.encoder import _read_do_normalize
 from runtime.checkpoint import load_into, read_state_dict
 from runtime.engine import _FP8_MODES, _default_device_dtype, check_quantize
 from runtime.models.fp8 import check_fp8_device
-from runtime.models.streaming import StreamingDecoder
 from runtime.models.vae import WanVAE
 
 from .audio_front import FrontEndSettings, Wav2VecFrontEnd
 from .config import LiveAvatarConfig
 from .fp8 import quantize_liveavatar_fp8
 from .loading import load_liveavatar
-from .model import build_liveavatar
+from .model import LiveAvatarDiT, build_liveavatar
 from .presets import EnginePreset, engine_preset, random_wav2vec2
 from .random_weights import materialize_random, randomize_weights
 
 
-def random_engine(cls, preset: str, device, dtype, seed: int, quantize: str | None, decoder: bool,
-                  device_init: bool = False):
+@dataclass
+class FamilyParts:
+    """What a Live Avatar family is built from: the trunk, the VAE, the audio front end, the video size."""
+
+    model: LiveAvatarDiT
+    vae: WanVAE
+    front: Wav2VecFrontEnd
+    height: int
+    width: int
+    quantization: object = None  # a QuantizeReport when built with quantize=
+
+
+def random_parts(preset: str, device, dtype, seed: int, quantize: str | None, device_init: bool = False) -> FamilyParts:
+    """Random weights of a preset's shapes (seeded). `device_init`: draw the trunk's weights on the device
+    (random_weights.materialize_random), not on the host: the 14B trunk in seconds on one GPU."""
     p = engine_preset(preset)
     check_quantize(quantize)
     device, dtype = _default_device_dtype(device, dtype)
@@ -41,10 +54,45 @@ def random_engine(cls, preset: str, device, dtype, seed: int, quantize: str | No
         torch.manual_seed(seed)  # the VAE's own init, seeded without touching the caller's RNG
         with torch.device(device):
             vae = WanVAE(p.vae)
-    return _assemble(cls, p, model, vae, random_wav2vec2(p, seed), True, device, dtype, quantize, decoder)
+    return _assemble(p, model, vae, random_wav2vec2(p, seed), True, device, dtype, quantize)
 
 
-def pretrained_engine(cls, paths, device, dtype, quantize: str | None, preset: str):
+def release_paths(root: Path) -> tuple[Path, Path, Path, Path]:
+    """(trunk dir, LoRA file, VAE file, wav2vec2 dir) of a release directory laid out as downloaded:
+    `Wan2.2-S2V-14B/` (shards, index, config.json, `Wan2.1_VAE.pth`, maybe `wav2vec2-large-xlsr-53-english/`),
+    `liveavatar.safetensors` at the top or in `Live-Avatar/` / `LiveAvatar/`, wav2vec2 at the top or in
+    the trunk directory. Raises FileNotFoundError naming every missing part."""
+    root = Path(root)
+    trunk, *loras, w2v_top, w2v_in_trunk = release_candidates(root)
+    paths = (trunk, _first(*loras), trunk / "Wan2.1_VAE.pth", _first(w2v_top, w2v_in_trunk))
+    missing = [str(p.relative_to(root)) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"{root}: not a Live Avatar release directory, missing {', '.join(missing)} "
+                                f"(expected Wan2.2-S2V-14B/ with Wan2.1_VAE.pth, liveavatar.safetensors, {W2V_DIR}/)")
+    return paths
+
+
+W2V_DIR = "wav2vec2-large-xlsr-53-english"
+
+
+def release_candidates(root: Path) -> tuple[Path, ...]:
+    """Where the release's parts may be: the trunk dir, three LoRA places, two wav2vec2 places."""
+    root = Path(root)
+    trunk = root / "Wan2.2-S2V-14B"
+    return (trunk, root / "liveavatar.safetensors", root / "Live-Avatar" / "liveavatar.safetensors",
+            root / "LiveAvatar" / "liveavatar.safetensors", root / W2V_DIR, trunk / W2V_DIR)
+
+
+def _first(*candidates: Path) -> Path:
+    return next((p for p in candidates if p.exists()), candidates[0])
+
+
+def pretrained_parts(root: Path, device, dtype, quantize: str | None, preset: str) -> FamilyParts:
+    """The release files under `root` (release_paths), of `preset`'s shapes."""
+    return pretrained_from_paths(release_paths(root), device, dtype, quantize, preset)
+
+
+def pretrained_from_paths(paths, device, dtype, quantize: str | None, preset: str) -> FamilyParts:
     p = engine_preset(preset)
     check_quantize(quantize)
     trunk, lora, vae_path, w2v_dir = (Path(x) for x in paths)
@@ -55,7 +103,7 @@ def pretrained_engine(cls, paths, device, dtype, quantize: str | None, preset: s
         vae = WanVAE(p.vae)
     vae = load_into(vae, read_state_dict(vae_path), what="Wan2.1 VAE", dtype=dtype, device=device)
     w2v = load_wav2vec2(w2v_dir, p.dit)
-    return _assemble(cls, p, model, vae, w2v, _read_do_normalize(w2v_dir), device, dtype, quantize, True)
+    return _assemble(p, model, vae, w2v, _read_do_normalize(w2v_dir), device, dtype, quantize)
 
 
 def _require_files(trunk: Path, lora: Path, vae: Path, w2v: Path) -> None:
@@ -82,15 +130,12 @@ def load_wav2vec2(directory: Path, cfg: LiveAvatarConfig) -> Wav2Vec2Model:
     return model.eval().requires_grad_(False)
 
 
-def _assemble(cls, p: EnginePreset, model, vae, w2v, normalize: bool, device, dtype, quantize, decoder: bool):
+def _assemble(p: EnginePreset, model, vae, w2v, normalize: bool, device, dtype, quantize) -> FamilyParts:
     report = _quantize(model, quantize, device, dtype)
     vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
     front = Wav2VecFrontEnd(w2v.to(device=device, dtype=dtype), dataclasses.replace(FrontEndSettings(),
                                                                                     normalize=normalize))
-    engine = cls(None, front, StreamingDecoder(vae) if decoder else None, model=model, vae=vae,
-                 size=(p.height, p.width))
-    engine.quantization = report
-    return engine
+    return FamilyParts(model, vae, front, p.height, p.width, report)
 
 
 def _quantize(model, mode: str | None, device: torch.device, dtype: torch.dtype):

@@ -103,7 +103,7 @@ class Condition:
 
 
 class History(Protocol):
-    """One denoising step's KV ring as `forward_block` sees it (runtime/liveavatar/kv_ring.py).
+    """One denoising step's KV ring as `forward_block` sees it (runtime/families/liveavatar/kv_ring.py).
 
     Called once per layer with the block's un-roped keys/values [B, L, H, D]: stores them, and returns
     every key (roped, relative to the call's origin) and value the block's queries attend to besides

@@ -75,7 +75,7 @@ class LiveAvatarStream:
         self.cond: Condition = model.encode_condition(ref_latent, motion_latents, self.text_kv)
         device, dtype = model.patch_embedding.weight.device, model.dtype
         self.rings = [KVRing(cfg, B, self.cond.token_hw, device, dtype) for _ in range(cfg.num_steps)]
-        # upstream feeds diffusers' fp32 timestep/sigma tensors: the same numbers here
+        # upstream feeds diffusers' fp32 timestep/sigma tensors: cfg gives those exact fp32 values
         t = torch.tensor(cfg.timesteps, dtype=torch.float32)
         self.mods = [model.time_mod(t[i].expand(B, cfg.block_frames)) for i in range(cfg.num_steps)]
         self.sigmas = torch.tensor(cfg.sigmas, dtype=torch.float32)

@@ -12,7 +12,7 @@ import re
 
 from torch import nn
 
-from ..models.fp8 import QuantizeReport, quantize_dit_fp8
+from ...models.fp8 import QuantizeReport, quantize_dit_fp8
 
 ALL_LINEARS = re.compile(r".+")
 KEPT_IN_BF16 = re.compile(

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..checkpoint import CheckpointError, check_shapes, load_into
+from ...checkpoint import CheckpointError, check_shapes, load_into
 from .config import LiveAvatarConfig, LoraConfig, resolve_config
 from .lora import merge_lora, parse_lora
 from .model import LiveAvatarDiT, build_liveavatar

@@ -4,7 +4,7 @@ Rank i (0 <= i < num_steps) ALWAYS runs denoising step i of every block against 
 family keeps one KV cache per step), so block b is at rank i while block b+1 is at rank i-1 and the
 throughput is one block per single-forward time. world_size is num_steps (the last step rank hands
 the latents to the sink) or num_steps + 1 (a collect rank receives them; with `decode=True` it is a
-decode rank: runtime/liveavatar/tpp_engine.py runs audio + image in, decoded blocks out). Every rank keeps its own copy of the text K/V and the condition cache.
+decode rank: runtime/families/liveavatar/tpp_engine.py runs audio + image in, decoded blocks out). Every rank keeps its own copy of the text K/V and the condition cache.
 
 Rank 0 owns the audio features and the noise: it encodes each block's audio once, draws the noise
 exactly as the one-process `LiveAvatarStream` does (same generator, same order) and sends the audio

@@ -1,4 +1,4 @@
-"""The per-rank loops of Live Avatar TPP (runtime/liveavatar/tpp.py has the layout and wire protocol)."""
+"""The per-rank loops of Live Avatar TPP (runtime/families/liveavatar/tpp.py has the layout and wire protocol)."""
 from __future__ import annotations
 
 from collections.abc import Callable

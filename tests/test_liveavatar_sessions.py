@@ -1,0 +1,109 @@
+"""Several Live Avatar sessions on one engine (issue 10): three liveavatar-tiny sessions with different
+images, seeds and chunkings, one joining late and one silent for a while, each equal to the same session
+run alone; one with bad audio fails alone. The engine's default mode (the round runner when built)."""
+import numpy as np
+import pytest
+import torch
+
+from runtime.engine import Engine
+from runtime.errors import BlockFailedError, SessionFailedError
+from runtime.media import synthetic_face
+from tests.test_liveavatar_forward import _one_thread  # noqa: F401 - autouse: one torch thread
+
+SR = 16000
+
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with Engine.from_pretrained("liveavatar-tiny", device="cpu", dtype=torch.float32, max_sessions=3) as e:
+        yield e
+
+
+def _audio(n, seed):
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / SR
+    return (0.3 * np.sin(2 * np.pi * (150 + 40 * seed) * t) + 0.05 * rng.standard_normal(n)).astype(np.float32)
+
+
+def _image(seed):
+    return np.roll(synthetic_face(64, 64), 7 * seed, axis=1)
+
+
+def _cuts(n, chunk):
+    return [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+
+
+def _alone(engine, seed, audio, chunk):
+    with engine.open(_image(seed), seed=seed) as s:
+        return [b for a, z in _cuts(len(audio), chunk) for b in s.step(audio[a:z], SR)] + s.flush()
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(p.index == q.index and np.array_equal(p.frames, q.frames)
+                                    and np.array_equal(p.audio, q.audio) for p, q in zip(a, b))
+
+
+def test_three_sessions_each_equal_their_single_session_run(engine):
+    audio = {1: _audio(30000, 1), 2: _audio(26000, 2), 3: _audio(22000, 3)}
+    chunks = {1: 640, 2: 3000, 3: 1777}
+    alone = {k: _alone(engine, k, audio[k], chunks[k]) for k in audio}
+    got = {k: [] for k in audio}
+    sessions = {1: engine.open(_image(1), seed=1), 2: engine.open(_image(2), seed=2)}
+    pos = {k: 0 for k in audio}
+    for tick in range(60):
+        if tick == 8:  # session 3 joins late, while the others are mid-stream
+            sessions[3] = engine.open(_image(3), seed=3)
+        for k, s in sessions.items():
+            if k == 2 and 5 <= tick < 20:
+                continue  # session 2 is silent a while: the others go on without it
+            a = pos[k]
+            z = min(a + chunks[k], len(audio[k]))
+            if a < z:
+                got[k] += s.step(audio[k][a:z], SR)
+                pos[k] = z
+    for k, s in sessions.items():
+        assert pos[k] == len(audio[k])
+        got[k] += s.flush()
+        s.close()
+    assert engine.num_sessions == 0
+    for k in audio:
+        assert len(got[k]) >= 3 and _same(got[k], alone[k]), f"session {k}"
+    assert not np.array_equal(got[1][1].frames, got[2][1].frames)  # other image and seed, other frames
+
+
+def test_bad_audio_fails_one_session_alone(engine):
+    good = _audio(20000, 4)
+    alone = _alone(engine, 4, good, 2000)
+    with engine.open(_image(4), seed=4) as ok, engine.open(_image(5), seed=5) as bad:
+        out = []
+        for i, (a, z) in enumerate(_cuts(len(good), 2000)):
+            out += ok.step(good[a:z], SR)
+            if i == 3:
+                with pytest.raises(ValueError, match="NaN"):
+                    bad.step(np.full(800, np.nan, np.float32), SR)
+        out += ok.flush()
+        assert _same(out, alone)
+        assert len(bad.step(good[:1000], SR) + bad.flush()) == 1  # a refused chunk changed nothing there
+
+
+def test_a_failing_block_fails_its_session_alone(engine):
+    good = _audio(20000, 6)
+    alone = _alone(engine, 6, good, 2500)
+    with engine.open(_image(6), seed=6) as ok, engine.open(_image(7), seed=7) as broken:
+        def boom(features):
+            raise RuntimeError("injected stage fault")
+
+        broken.state.stream.generate_block = boom  # this session's denoise stage fails
+        out, failures = [], []
+        for a, z in _cuts(len(good), 2500):
+            out += ok.step(good[a:z], SR)
+            try:
+                broken.step(good[a:z], SR)
+            except (BlockFailedError, SessionFailedError) as err:
+                failures.append(err)
+        out += ok.flush()
+    assert _same(out, alone)
+    assert failures and isinstance(failures[0], BlockFailedError) and "injected stage fault" in str(failures[0])
+    assert failures[0].stage == "denoise" and failures[0].block == 0
+    assert all(isinstance(f, SessionFailedError) for f in failures[1:])
