@@ -106,19 +106,21 @@ def _rgb_view(image) -> np.ndarray:
     return load_image(image)
 
 
-def _reduce_huge(rgb: np.ndarray, height: int, width: int, rows_per_pass: int = 256) -> np.ndarray:
+def _reduce_huge(rgb: np.ndarray, height: int, width: int, rows_per_pass: int = 64) -> np.ndarray:
     """Box-average by the integer factor k that leaves the image >= _REDUCING_GAP x the cover size
     (k = 1: `rgb` itself). Done a band of rows at a time, so no full-size float copy is ever made."""
     h, w = rgb.shape[:2]
     k = int(min(h / height, w / width) // _REDUCING_GAP)
     if k < 2:
         return rgb
+    from PIL import Image
+
     out_h, out_w = h // k, w // k
     out = np.empty((out_h, out_w, 3), np.uint8)
     for r in range(0, out_h, rows_per_pass):
         rows = min(rows_per_pass, out_h - r)
-        band = rgb[r * k:(r + rows) * k, :out_w * k].reshape(rows, k, out_w, k, 3)
-        out[r:r + rows] = (band.sum(axis=(1, 3), dtype=np.uint32) + k * k // 2) // (k * k)
+        band = np.ascontiguousarray(rgb[r * k:(r + rows) * k, :out_w * k])
+        out[r:r + rows] = np.asarray(Image.fromarray(band).reduce(k))  # Pillow's box reduce, in C
     return out
 
 
