@@ -1,8 +1,14 @@
 """The `avatar` CLI: help, the timing report, the demo's streaming loop (against a scripted engine that
-follows the Engine contract) and, once the real engine imports, a short end-to-end demo."""
+follows the Engine contract), once the real engine imports a short end-to-end demo, and user mistakes
+through the real `avatar` entry point (a subprocess): one line, exit code 2, no traceback."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import av
 import numpy as np
@@ -41,8 +47,9 @@ def _report() -> cli.StreamReport:
 
 
 def test_block_table():
-    lines = cli.format_block_table(_report()).splitlines()
-    assert lines[0].split() == ["block", "frames", "audio", "ms", "denoise", "ms", "decode", "ms",
+    caption, *lines = cli.format_block_table(_report()).splitlines()
+    assert caption == cli.TABLE_CAPTION and "not audio length" in caption
+    assert lines[0].split() == ["block", "frames", "audio-stage", "ms", "denoise", "ms", "decode", "ms",
                                 "extra", "ms", "total", "ms"]
     assert lines[2].split() == ["0", "9", "10.0", "100.0", "20.0", "-", "130.0"]
     assert lines[4].split() == ["2", "12", "-", "80.0", "-", "1.0", "200.0"]
@@ -158,15 +165,24 @@ def test_demo_streams_all_audio_and_writes_mp4(tmp_path, scripted):
         assert abs(float(audio.duration * audio.time_base) - 33 / 16) <= 1 / 16
     assert len(frames) == 33
     assert abs(int(frames[20][0, 0, 0]) - 37) <= 4 and abs(int(frames[30][0, 0, 0]) - 74) <= 4
-    # The random-weights warning appears at the start and at the end; the table and summary print.
+    # The random-weights warning appears once, before streaming; the table and summary print.
     text = result.output
-    assert text.count("RANDOM weights") == 2 and "NOISE" in text
+    assert text.count("RANDOM weights") == 1 and "NOISE" in text
+    assert text.index("RANDOM weights") < text.index("engine:")
     assert "block  frames" in text and "first-block latency" in text and "median block time" in text
 
 
+def _livetalk_layout(root: Path) -> Path:
+    """Empty files with the LiveTalk release names (the scripted engine reads none of them)."""
+    (root / "LiveTalk-1.3B-V0.1").mkdir(parents=True)
+    (root / "LiveTalk-1.3B-V0.1" / "model.safetensors").write_bytes(b"")
+    (root / "Wan2.1_VAE.pth").write_bytes(b"")
+    (root / "wav2vec2-base-960h").mkdir()
+    return root
+
+
 def test_demo_with_checkpoint_has_no_noise_warning(tmp_path, scripted):
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
+    ckpt = _livetalk_layout(tmp_path / "ckpt")
     result = runner.invoke(cli.app, ["demo", "--out", str(tmp_path / "o.mp4"), "--seconds", "1",
                                      "--checkpoint", str(ckpt), "--device", "cpu", "--dtype", "float32",
                                      "--no-progress"])
@@ -200,6 +216,23 @@ def test_demo_wrong_wav_rate_needs_resample(tmp_path, scripted):
     result = runner.invoke(cli.app, ["demo", "--out", str(tmp_path / "o.mp4"), "--audio", str(wav),
                                      "--resample", "--no-progress"])
     assert result.exit_code == 0, result.output
+    assert abs(sum(len(c) for c in scripted[-1].chunks) - 16000) <= 1
+    assert f"{wav}: mono 24 kHz -> resampled to 16 kHz" in result.output
+
+
+def test_demo_says_how_it_converts_stereo_44k(tmp_path, scripted):
+    wav = tmp_path / "st.wav"
+    import wave
+    pcm = (np.random.default_rng(0).uniform(-0.5, 0.5, (44100, 2)) * 32767).astype("<i2")
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(44100)
+        w.writeframes(pcm.tobytes())
+    result = runner.invoke(cli.app, ["demo", "--out", str(tmp_path / "o.mp4"), "--audio", str(wav), "--resample",
+                                     "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert f"{wav}: stereo 44.1 kHz -> averaged to mono, resampled to 16 kHz" in result.output
     assert abs(sum(len(c) for c in scripted[-1].chunks) - 16000) <= 1
 
 
@@ -253,12 +286,19 @@ def test_demo_fp8_micro_and_bad_quantize(tmp_path):
     assert result.exit_code == 2 and "quantize" in result.output
 
 
+def test_demo_progress_bar_counts_the_flush(tmp_path, scripted, capsys):
+    result = runner.invoke(cli.app, ["demo", "--out", str(tmp_path / "o.mp4"), "--seconds", "1"])
+    assert result.exit_code == 0, result.output
+    # 1 s in 40 ms chunks: 25 step() calls + flush() = 26 ticks, ending with every block (9 + 12)
+    assert "26/26" in result.output and "blocks=2" in result.output.split("26/26")[-1]
+
+
 def test_demo_family_liveavatar_writes_an_mp4_of_the_tiny_preset(tmp_path):
     out = tmp_path / "la.mp4"
     result = runner.invoke(cli.app, ["demo", "--family", "liveavatar", "--seconds", "1.2", "--out", str(out),
                                      "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "RANDOM weights" in result.output and "wrote" in result.output
+    assert result.output.count("RANDOM weights") == 1 and "wrote" in result.output
     with av.open(str(out)) as c:
         video = c.streams.video[0]
         frames = sum(1 for _ in c.decode(video))
