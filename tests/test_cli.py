@@ -305,3 +305,121 @@ def test_demo_family_liveavatar_writes_an_mp4_of_the_tiny_preset(tmp_path):
     assert (video.width, video.height) == (64, 64) and frames == 9 + 12 * 2  # 1.2 s: blocks of 9, 12, 12
     bad = runner.invoke(cli.app, ["demo", "--family", "wan", "--out", str(out)])
     assert bad.exit_code != 0 and "family" in bad.output
+
+
+# ---- user mistakes through the real entry point -------------------------------------------------
+
+# The real entry point costs a process start (torch import, ~3 s idle) per call, so a few cases run it and
+# the rest go through the same app in-process (CliRunner: the same click main and the same boundary).
+AVATAR = str(Path(sys.executable).with_name("avatar"))
+
+
+@dataclass
+class _Run:
+    returncode: int
+    stdout: str
+    stderr: str = ""
+
+
+def _avatar(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "400", "NO_COLOR": "1"}  # no wrapped or coloured error boxes
+    return subprocess.run([AVATAR, *args], check=False, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _in_process(*args: str) -> _Run:
+    result = runner.invoke(cli.app, list(args), env={"COLUMNS": "400", "NO_COLOR": "1"})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return _Run(result.exit_code, result.output)
+
+
+def _one_line_user_error(proc, *words: str) -> str:
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2, text
+    assert "Traceback" not in text, text
+    for w in words:
+        assert w in text, text
+    return text
+
+
+def test_cli_truncated_dit_file_is_named(tmp_path):
+    from runtime.checkpoint import save_state_dict
+
+    root = _livetalk_layout(tmp_path / "rel")
+    dit = root / "LiveTalk-1.3B-V0.1" / "model.safetensors"
+    save_state_dict({"w": __import__("torch").zeros(1000)}, dit)
+    dit.write_bytes(dit.read_bytes()[:100])
+    proc = _avatar("demo", "--checkpoint", str(root), "--out", str(tmp_path / "o.mp4"), "--device", "cpu")
+    text = _one_line_user_error(proc, f"error: {dit}: not a readable safetensors file")
+    assert "RANDOM" not in text
+    # --debug lets the exception through (in-process here: CliRunner keeps it instead of a traceback)
+    debug = runner.invoke(cli.app, ["--debug", "demo", "--checkpoint", str(root), "--out", str(tmp_path / "o.mp4"),
+                                    "--device", "cpu"])
+    assert type(debug.exception).__name__ == "CheckpointError" and str(dit) in str(debug.exception)
+
+
+@pytest.mark.parametrize("family, layout", [("livetalk", "LiveTalk-1.3B-V0.1/model.safetensors"),
+                                            ("liveavatar", "liveavatar.safetensors")])
+def test_cli_empty_checkpoint_dir_lists_the_layout(tmp_path, family, layout):
+    (tmp_path / "empty").mkdir()
+    proc = _in_process("demo", "--family", family, "--checkpoint", str(tmp_path / "empty"),
+                   "--out", str(tmp_path / "o.mp4"))
+    _one_line_user_error(proc, "not a", "release directory", layout, "wav2vec2")
+
+
+def test_cli_unknown_preset_before_any_random_weights_note(tmp_path):
+    text = _one_line_user_error(_in_process("demo", "--preset", "huge", "--out", str(tmp_path / "o.mp4")),
+                                "unknown livetalk preset 'huge'", "tiny")
+    assert "RANDOM" not in text
+
+
+def test_cli_bad_media_files_are_named(tmp_path):
+    junk, empty = tmp_path / "face.png", tmp_path / "silence.wav"
+    junk.write_text("not an image")
+    write_wav(empty, np.zeros(0, np.float32), 16000)
+    _one_line_user_error(_in_process("demo", "--image", str(junk), "--out", str(tmp_path / "o.mp4")),
+                         f"error: {junk}: not an image file")
+    _one_line_user_error(_in_process("demo", "--audio", str(empty), "--out", str(tmp_path / "o.mp4")),
+                         f"error: {empty}: holds no audio samples")
+
+
+@pytest.mark.parametrize("out, words", [("missing/o.mp4", "does not exist"), ("o.avi", "ending in .mp4"),
+                                        ("d.mp4", "is a directory")])
+def test_cli_outputs_are_checked_before_any_work(tmp_path, out, words):
+    (tmp_path / "d.mp4").mkdir()
+    run = _avatar if out.startswith("missing") else _in_process
+    text = _one_line_user_error(run("demo", "--out", str(tmp_path / out)), "--out", words)
+    assert "engine:" not in text and "RANDOM" not in text  # no model was built
+
+
+def test_cli_liveavatar_checkpoint_loads_the_release(tmp_path):
+    """--family liveavatar --checkpoint DIR loads DIR: a damaged LoRA in it is named, and once repaired the
+    demo streams with no random-weights note."""
+    import torch
+    from safetensors.torch import save_file
+
+    from runtime.liveavatar.audio_front import tiny_wav2vec2
+    from runtime.liveavatar.presets import engine_preset
+    from runtime.models.vae import WanVAE
+    from tests.test_liveavatar_loading import TINY, _lora_state, _tiny_state, _write_trunk
+
+    root = tmp_path / "release"
+    trunk = root / "Wan2.2-S2V-14B"
+    trunk.mkdir(parents=True)
+    state = _tiny_state()
+    _write_trunk(trunk, state)
+    torch.save(WanVAE(engine_preset("tiny").vae).state_dict(), trunk / "Wan2.1_VAE.pth")
+    w2v = root / "wav2vec2-large-xlsr-53-english"
+    tiny_wav2vec2(TINY.audio_layers, TINY.audio_dim, seed=4).save_pretrained(w2v)
+    (w2v / "preprocessor_config.json").write_text(json.dumps({"do_normalize": True}))
+    lora = root / "liveavatar.safetensors"
+    lora.write_bytes(b"\x00" * 16)
+    args = ["demo", "--family", "liveavatar", "--checkpoint", str(root), "--preset", "tiny", "--device", "cpu",
+            "--seconds", "0.2", "--out", str(tmp_path / "la.mp4"), "--no-progress"]
+    _one_line_user_error(_avatar(*args), f"{lora}: not a readable safetensors file")
+    save_file(_lora_state(state), str(lora))
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert "RANDOM" not in result.output and "wrote" in result.output
+    with av.open(str(tmp_path / "la.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 9  # block 0, completed by flush()
