@@ -139,13 +139,19 @@ def check_shapes(expected: dict[str, torch.Size], state: dict[str, torch.Tensor]
     misshaped = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
                        for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k]))
     if missing or unexpected or misshaped:
-        lines = [(f"{what} checkpoint does not match the configuration "
-                  f"({len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped keys):")]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if keys:
-                shown = keys[:20] + ([f"... and {len(keys) - 20} more"] if len(keys) > 20 else [])
-                lines.append(f"  {title}: " + ", ".join(shown))
-        raise CheckpointError("\n".join(lines))
+        raise _key_report(f"{what} checkpoint does not match the configuration ({len(missing)} missing, "
+                          f"{len(unexpected)} unexpected, {len(misshaped)} mis-shaped keys):",
+                          {"missing": missing, "unexpected": unexpected, "mis-shaped": misshaped})
+
+
+def _key_report(title: str, groups: dict[str, list[str]]) -> CheckpointError:
+    """One error: the title, then up to 20 keys per non-empty group."""
+    lines = [title]
+    for name, keys in groups.items():
+        if keys:
+            shown = keys[:20] + ([f"... and {len(keys) - 20} more"] if len(keys) > 20 else [])
+            lines.append(f"  {name}: " + ", ".join(shown))
+    return CheckpointError("\n".join(lines))
 
 
 def check_values(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str = "model") -> None:
@@ -157,13 +163,9 @@ def check_values(module: torch.nn.Module, state: dict[str, torch.Tensor], what: 
     non_finite = sorted(k for k, v in state.items()
                         if v.is_floating_point() and v.device.type != "meta" and not bool(torch.isfinite(v).all()))
     if wrong_kind or non_finite:
-        lines = [f"{what} checkpoint has unusable values ({len(wrong_kind)} of the wrong dtype, "
-                 f"{len(non_finite)} with NaN or Inf):"]
-        for title, keys in (("wrong dtype", wrong_kind), ("NaN or Inf", non_finite)):
-            if keys:
-                lines.append(f"  {title}: " + ", ".join(keys[:20] + ([f"... and {len(keys) - 20} more"]
-                                                                     if len(keys) > 20 else [])))
-        raise CheckpointError("\n".join(lines))
+        raise _key_report(f"{what} checkpoint has unusable values ({len(wrong_kind)} of the wrong dtype, "
+                          f"{len(non_finite)} with NaN or Inf):",
+                          {"wrong dtype": wrong_kind, "NaN or Inf": non_finite})
 
 
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], *, what: str = "model",
