@@ -423,3 +423,23 @@ def test_cli_liveavatar_checkpoint_loads_the_release(tmp_path):
     assert "RANDOM" not in result.output and "wrote" in result.output
     with av.open(str(tmp_path / "la.mp4")) as c:
         assert sum(1 for _ in c.decode(video=0)) == 9  # block 0, completed by flush()
+
+
+def test_bench_table_explains_its_columns():
+    from benchmarks import cli as bench_cli
+
+    result = {"kind": "e2e", "path": "engine", "p50_block_ms": 200.0, "p99_block_ms": 250.0, "fps": 60.0,
+              "first_frame_ms": 300.0, "peak_memory_mb": 1000.0, "achieved_tflops": 400.0,
+              "fraction_of_floor": 0.5, "timer": "cuda events"}
+    report = {"environment": {"gpu_name": "H200", "gpu_driver": "1", "cpu": "x", "cpu_threads": 2,
+                              "torch_version": "t", "triton_version": "t", "commit": "c"},
+              "settings": {"preset": "livetalk-1.3b", "resolution": "512x512", "dtype": "bfloat16",
+                           "backend": "auto", "peak_tflops": 790.0,
+                           "window": {"block_frames": 3, "sink_frames": 9, "window_frames": 15,
+                                      "window_tokens": 15360}},
+              "results": {"e2e": result}}
+    text = bench_cli.format_table(report)
+    assert "% floor" in text.splitlines()[3] and text.splitlines()[4].split()[-1] == "50"
+    legend = text.splitlines()[-1]
+    assert "% floor: TFLOP/s as a percentage of 790 TFLOP/s" in legend and "docs/performance-floor.md" in legend
+    assert all(c.split()[0] in legend for c in bench_cli.COLUMNS)
