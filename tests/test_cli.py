@@ -416,7 +416,7 @@ def test_cli_liveavatar_checkpoint_loads_the_release(tmp_path):
     lora.write_bytes(b"\x00" * 16)
     args = ["demo", "--family", "liveavatar", "--checkpoint", str(root), "--preset", "tiny", "--device", "cpu",
             "--seconds", "0.2", "--out", str(tmp_path / "la.mp4"), "--no-progress"]
-    _one_line_user_error(_avatar(*args), f"{lora}: not a readable safetensors file")
+    _one_line_user_error(_in_process(*args), f"{lora}: not a readable safetensors file")
     save_file(_lora_state(state), str(lora))
     result = runner.invoke(cli.app, args)
     assert result.exit_code == 0, result.output
