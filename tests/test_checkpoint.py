@@ -82,7 +82,8 @@ def test_missing_shard_is_named(tmp_path, tiny_state):
 
 
 @pytest.mark.parametrize("name", ["../../outside.safetensors", "/etc/passwd", "sub/model.safetensors", ".."])
-def test_index_shard_names_outside_the_directory_are_refused_before_opening(tmp_path, tiny_state, name):
+def test_index_shard_names_outside_the_directory_are_refused_before_opening(tmp_path, tiny_state, name,
+                                                                           monkeypatch):
     save_state_dict(tiny_state, tmp_path / "model.safetensors", shard_bytes=200_000)
     index_path = tmp_path / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
@@ -91,12 +92,9 @@ def test_index_shard_names_outside_the_directory_are_refused_before_opening(tmp_
     opened = []
     import runtime.checkpoint as ckpt
     real = ckpt.load_file
-    ckpt.load_file = lambda path, device="cpu": opened.append(path) or real(path, device=device)
-    try:
-        with pytest.raises(CheckpointError, match="plain file names") as err:
-            read_state_dict(tmp_path)
-    finally:
-        ckpt.load_file = real
+    monkeypatch.setattr(ckpt, "load_file", lambda path, device="cpu": opened.append(path) or real(path, device=device))
+    with pytest.raises(CheckpointError, match="plain file names") as err:
+        read_state_dict(tmp_path)
     assert repr(name) in str(err.value) and opened == []
 
 

@@ -286,7 +286,7 @@ def test_demo_fp8_micro_and_bad_quantize(tmp_path):
     assert result.exit_code == 2 and "quantize" in result.output
 
 
-def test_demo_progress_bar_counts_the_flush(tmp_path, scripted, capsys):
+def test_demo_progress_bar_counts_the_flush(tmp_path, scripted):
     result = runner.invoke(cli.app, ["demo", "--out", str(tmp_path / "o.mp4"), "--seconds", "1"])
     assert result.exit_code == 0, result.output
     # 1 s in 40 ms chunks: 25 step() calls + flush() = 26 ticks, ending with every block (9 + 12)
