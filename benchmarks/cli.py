@@ -62,6 +62,14 @@ def run_bench(engine, seconds: float, chunk_ms: float = 40.0, warmup_blocks: int
 
 
 COLUMNS = ("p50 ms", "p99 ms", "FPS", "first-frame ms", "peak MB", "TFLOP/s", "% floor")
+# printed under the table: the numbers mean nothing to a reader who cannot tell what they measure
+LEGEND = (
+    "p50 / p99 ms: median / 99th-percentile time of one block, warm-up blocks excluded; FPS: video frames "
+    "made per second; first-frame ms: time to the first block; peak MB: peak memory (GPU allocator, or the "
+    "process's max RSS on a CPU); TFLOP/s: FLOPs counted by runtime/flops.py / measured time; "
+    "% floor: TFLOP/s as a percentage of {peak:g} TFLOP/s (dense bf16 of one H100/H200; --peak-tflops), "
+    "i.e. arithmetic floor time / measured time, 100 = the floor (docs/performance-floor.md); tiny on a CPU "
+    "by construction.")
 
 
 def format_table(report: dict) -> str:
@@ -85,6 +93,7 @@ def format_table(report: dict) -> str:
         ratio = report["upstream_ratio"]
         lines.append(f"upstream / ours (DiT only): {ratio['dit_p50']:.2f}x per block (p50), "
                      f"{ratio['dit_first_frame']:.2f}x first block")
+    lines += ["", LEGEND.format(peak=st["peak_tflops"])]
     return "\n".join(lines)
 
 

@@ -2,10 +2,18 @@
 
 The engine is imported inside the commands, so the app object (and `--help`) imports even where the
 engine cannot, and no model is built until a command runs.
+
+User mistakes (a file that is not what it should be, a missing checkpoint file, a bad option) end in
+one line naming the file and what was expected, exit code 2, no traceback: the errors are raised
+precisely where they are found (runtime.checkpoint.CheckpointError, runtime.media.MediaError, OSError
+for paths) and turned into that line by one boundary, `_UserErrorGroup`. `avatar --debug ...` shows
+the traceback instead.
 """
 from __future__ import annotations
 
+import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,21 +21,57 @@ from typing import Annotated
 
 import numpy as np
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Streaming talking-avatar inference runtime (LiveTalk family).")
+EXIT_USER_ERROR = 2  # as click's usage errors
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """The exception types that mean "the user gave something unusable"; CheckpointError only when its
+    module was imported (if it was not, it cannot have been raised, and torch stays unloaded)."""
+    from runtime.media import MediaError
+
+    types: list[type[BaseException]] = [MediaError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                                        PermissionError]
+    checkpoint = sys.modules.get("runtime.checkpoint")
+    if checkpoint is not None:
+        types.append(checkpoint.CheckpointError)
+    return tuple(types)
+
+
+class _UserErrorGroup(TyperGroup):
+    """The CLI's one error boundary: a user mistake from any command becomes one line and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            if ctx.params.get("debug") or not isinstance(e, _user_error_types()):
+                raise
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+
+
+app = typer.Typer(cls=_UserErrorGroup, add_completion=False, no_args_is_help=True,
+                  help="Streaming talking-avatar inference runtime (LiveTalk and Live Avatar families).")
 
 RANDOM_WEIGHTS_WARNING = (
     "NOTE: preset {preset!r} has RANDOM weights: the video will be NOISE, not a face. "
-    "Pass --checkpoint DIR (real LiveTalk files) for a real avatar.")
+    "Pass --checkpoint DIR (the real release files) for a real avatar.")
+
+LIVETALK_LAYOUT = ("LiveTalk-1.3B-V0.1/model.safetensors (or a shard set with its index json), "
+                   "Wan2.1_VAE.pth (or .safetensors) and wav2vec2-base-960h/ (a Hugging Face directory)")
 
 _DTYPES = ("float32", "bfloat16", "float16")
+_FAMILIES = ("livetalk", "liveavatar")
+_VIDEO_SUFFIXES = (".mp4", ".m4v")  # Mp4Writer writes the MP4 container
 
 
 @app.callback()
-def _main() -> None:
-    """Streaming talking-avatar inference runtime (LiveTalk family)."""
-    # A callback keeps `demo` a named subcommand even while it is the only one.
+def _main(debug: Annotated[bool, typer.Option(
+        "--debug", help="Show the full traceback of an error instead of one line.")] = False) -> None:
+    """Streaming talking-avatar inference runtime (LiveTalk and Live Avatar families)."""
+    # A callback keeps `demo` a named subcommand; `debug` is read back by _UserErrorGroup.
 
 
 # ---- timing report ------------------------------------------------------------------------------
@@ -60,15 +104,20 @@ class StreamReport:
         return [n for n in names if n != "total"] + (["total"] if "total" in names else [])
 
 
+# "audio" is the time of the audio-feature stage; as a bare column name it reads like audio length.
+_STAGE_LABELS = {"audio": "audio-stage"}
+TABLE_CAPTION = "per-block compute time of each stage, in ms ('audio-stage': audio features, not audio length)"
+
+
 def format_block_table(report: StreamReport) -> str:
     """Per-block table: block index, frames, then milliseconds per stage ('-' where a block lacks one)."""
     stages = report.stage_names()
-    header = ["block", "frames"] + [f"{s} ms" for s in stages]
+    header = ["block", "frames"] + [f"{_STAGE_LABELS.get(s, s)} ms" for s in stages]
     rows = [[str(b.index), str(b.frames)] + [_ms(b.timings.get(s)) for s in stages] for b in report.blocks]
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join([TABLE_CAPTION] + lines)
 
 
 def _ms(seconds: float | None) -> str:
@@ -97,42 +146,113 @@ def _create_engine(source: str, device: str | None, dtype: str | None, decoder: 
                    text_encoder: bool | None = None, text_device: str | None = None, quantize: str | None = None):
     """Engine.from_pretrained, imported late so the CLI loads without the engine's dependencies.
     `text_encoder`: load the umT5 prompt encoder (True: required), or not (False)."""
-    try:
-        from runtime import Engine
-    except ImportError as e:
-        raise typer.BadParameter(f"the engine cannot be imported ({e})") from e
-    torch_dtype = None
-    if dtype is not None:
-        import torch
-        torch_dtype = getattr(torch, dtype)
-    if decoder not in ("wan", "taehv"):
-        raise typer.BadParameter(f"decoder must be wan or taehv, got {decoder!r}", param_hint="--decoder")
-    try:
-        return Engine.from_pretrained(source, device=device, dtype=torch_dtype, decoder=decoder,
-                                      text_encoder=text_encoder, text_device=text_device, quantize=quantize)
-    except (ValueError, RuntimeError) as e:
-        if quantize and ("quantiz" in str(e) or "FP8" in str(e) or "fp8" in str(e)):
-            raise typer.BadParameter(str(e), param_hint="--quantize") from e
-        raise
+    from runtime import Engine
+
+    return Engine.from_pretrained(source, device=device, dtype=_torch_dtype(dtype), decoder=decoder,
+                                  text_encoder=text_encoder, text_device=text_device, quantize=quantize)
+
+
+def _torch_dtype(dtype: str | None):
+    if dtype is None:
+        return None
+    import torch
+
+    return getattr(torch, dtype)
+
+
+def _check_out(out: Path) -> None:
+    """The output can be written: a known extension, an existing writable folder, not a directory."""
+    if out.suffix.lower() not in _VIDEO_SUFFIXES:
+        raise typer.BadParameter(f"{out}: the demo writes an MP4 (H.264 + AAC); use a name ending in "
+                                 f"{' or '.join(_VIDEO_SUFFIXES)}", param_hint="--out")
+    folder = out.parent
+    if not folder.is_dir():
+        raise typer.BadParameter(f"{out}: folder {folder} does not exist", param_hint="--out")
+    if out.is_dir():
+        raise typer.BadParameter(f"{out} is a directory; give a file name", param_hint="--out")
+    if not os.access(folder, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise typer.BadParameter(f"{out}: cannot write there (permission denied)", param_hint="--out")
+
+
+def _check_options(family: str, device: str | None, dtype: str | None, quantize: str | None) -> None:
+    if family not in _FAMILIES:
+        raise typer.BadParameter(f"family must be livetalk or liveavatar, got {family!r}", param_hint="--family")
+    if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"device must be cpu or cuda[:N], got {device!r}", param_hint="--device")
+    if dtype is not None and dtype not in _DTYPES:
+        raise typer.BadParameter(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
+    if quantize is not None and quantize not in ("fp8", "fp8-row"):
+        raise typer.BadParameter(f"quantize must be fp8 or fp8-row, got {quantize!r}", param_hint="--quantize")
+
+
+def _resolve_preset(family: str, preset: str | None, checkpoint: Path | None) -> str | None:
+    """The preset to build (None: a LiveTalk checkpoint brings its own configuration), checked to exist
+    before anything is said about random weights."""
+    if family == "livetalk":
+        if checkpoint is not None:
+            if preset is not None:
+                raise typer.BadParameter("a LiveTalk --checkpoint has its own configuration; --preset is for "
+                                         "random weights", param_hint="--preset")
+            return None
+        from runtime.config import PRESETS
+        known = PRESETS
+    else:
+        from runtime.families.liveavatar.presets import ENGINE_PRESETS
+        known = ENGINE_PRESETS
+        if preset is None and checkpoint is not None:
+            return "liveavatar-14b"
+    preset = preset or "tiny"
+    if preset not in known:
+        raise typer.BadParameter(f"unknown {family} preset {preset!r}; known: {', '.join(sorted(known))}",
+                                 param_hint="--preset")
+    return preset
+
+
+def check_livetalk_release(root: Path) -> None:
+    """The LiveTalk release files are all under `root` (names only, nothing read), else one error
+    naming what is missing and the expected layout."""
+    from runtime.checkpoint import CheckpointError
+
+    dit_dir = root / "LiveTalk-1.3B-V0.1" if (root / "LiveTalk-1.3B-V0.1").is_dir() else root
+    missing = [] if any(dit_dir.glob("*.safetensors*")) else [f"DiT weights (*.safetensors in {dit_dir})"]
+    missing += [] if any(root.rglob("Wan2.1_VAE.*")) else ["Wan2.1_VAE.pth"]
+    missing += [] if any(root.rglob("wav2vec2-base-960h")) else ["wav2vec2-base-960h/"]
+    if missing:
+        raise CheckpointError(f"{root}: not a LiveTalk release directory: no {', no '.join(missing)} "
+                              f"(expected {LIVETALK_LAYOUT}, at any depth)")
+
+
+_CHANNELS = {1: "mono", 2: "stereo"}
 
 
 def _load_demo_audio(audio: Path | None, seconds: float | None, sample_rate: int,
                      resample: bool, seed: int) -> np.ndarray:
-    from runtime.media import read_wav, synth_speech_like
+    """Synthetic speech, or the file converted to mono at `sample_rate`; any conversion is said in one
+    line (the API refuses such input: the CLI converts only what it names)."""
+    from runtime.media import read_audio_file, synth_speech_like
 
     if audio is None:
         return synth_speech_like(4.0 if seconds is None else seconds, sample_rate, seed=seed)
-    samples, rate = read_wav(audio, mixdown=True)
+    planes, rate = read_audio_file(audio)
+    if rate != sample_rate and not resample:
+        raise typer.BadParameter(f"{audio} is {rate} Hz but the engine takes {sample_rate} Hz; "
+                                 f"pass --resample to convert it", param_hint="--audio")
+    done = []
+    samples = planes[0]
+    if planes.shape[0] > 1:
+        samples = planes.mean(axis=0, dtype=np.float32)
+        done.append("averaged to mono")
     if rate != sample_rate:
-        if not resample:
-            raise typer.BadParameter(f"{audio} is {rate} Hz but the engine takes {sample_rate} Hz; "
-                                     f"pass --resample to convert it", param_hint="--audio")
         import soxr
         samples = soxr.resample(samples, rate, sample_rate).astype(np.float32)
+        done.append(f"resampled to {sample_rate / 1000:g} kHz")
+    if done:
+        kind = _CHANNELS.get(planes.shape[0], f"{planes.shape[0]}-channel")
+        typer.echo(f"{audio}: {kind} {rate / 1000:g} kHz -> {', '.join(done)}")
     if seconds is not None:
         samples = samples[: round(seconds * sample_rate)]
     # Float files may exceed full scale; the engine rejects that, so say it here in terms of the file.
-    peak = float(np.abs(samples).max()) if samples.size else 0.0
+    peak = float(np.abs(samples).max())
     if peak > 1.0:
         raise typer.BadParameter(f"{audio} has samples up to {peak:.3f}, outside [-1, 1]", param_hint="--audio")
     return samples
@@ -159,11 +279,15 @@ def stream_to_mp4(engine, audio: np.ndarray, out: Path, chunk_samples: int,
                 writer.write_block(block.frames, block.audio)
                 report.blocks.append(BlockRecord(block.index, len(block.frames), dict(block.timings)))
 
-        bar = tqdm(starts, desc="streaming", unit="chunk", disable=not progress)
-        for start in bar:
-            take(engine.step(audio[start:start + chunk_samples], sr))
+        # One tick per chunk and one for flush(), whose blocks (the last) are counted on the bar too.
+        with tqdm(total=len(starts) + 1, desc="streaming", unit="chunk", disable=not progress) as bar:
+            for start in starts:
+                take(engine.step(audio[start:start + chunk_samples], sr))
+                bar.set_postfix(blocks=len(report.blocks), refresh=False)
+                bar.update()
+            take(engine.flush())
             bar.set_postfix(blocks=len(report.blocks), refresh=False)
-        take(engine.flush())
+            bar.update()
         report.wall_s = time.perf_counter() - t0
     if not report.blocks:
         raise RuntimeError("the engine produced no video blocks (is the audio long enough for one block?)")
@@ -177,17 +301,18 @@ def demo(
         "--seconds", min=0.05, help="Seconds of synthetic speech (default 4), or a cut of --audio.")] = None,
     audio: Annotated[Path | None, typer.Option(
         "--audio", exists=True, dir_okay=False,
-        help="A wav (or any audio file) to use instead of synthetic speech.")] = None,
+        help="A wav (or any audio file); stereo is averaged to mono, which the CLI says.")] = None,
     resample: Annotated[bool, typer.Option(
-        "--resample", help="Resample --audio to the engine's rate if needed.")] = False,
+        "--resample", help="Resample --audio to the engine's rate (16 kHz) if needed.")] = False,
     image: Annotated[Path | None, typer.Option(
         "--image", exists=True, dir_okay=False,
         help="Reference portrait (default: a drawn placeholder face).")] = None,
-    preset: Annotated[str, typer.Option(
-        "--preset", help="Config preset with random weights (no checkpoint).")] = "tiny",
+    preset: Annotated[str | None, typer.Option(
+        "--preset", help="Config preset with random weights (default tiny; with a liveavatar --checkpoint: "
+                         "the shapes to load, default liveavatar-14b).")] = None,
     checkpoint: Annotated[Path | None, typer.Option(
         "--checkpoint", exists=True, file_okay=False,
-        help="Directory with the real LiveTalk release files.")] = None,
+        help="Directory with the real release files of --family.")] = None,
     device: Annotated[str | None, typer.Option(
         "--device", help="cpu or cuda (default: cuda if available).")] = None,
     dtype: Annotated[str | None, typer.Option(
@@ -210,74 +335,75 @@ def demo(
         "--quantize", help="fp8 (per-tensor scales, compute capability >= 8.9) or fp8-row (per token / "
                            "channel, >= 9.0): FP8 weights and activations in the DiT's linears.")] = None,
     family: Annotated[str, typer.Option(
-        "--family", help="livetalk (family 1) or liveavatar (family 2: random weights of --preset, "
-                         "tiny or liveavatar-14b).")] = "livetalk",
+        "--family", help="livetalk (family 1) or liveavatar (family 2: --checkpoint DIR with the Live Avatar "
+                         "release, or random weights of --preset tiny / liveavatar-14b).")] = "livetalk",
 ) -> None:
     """Stream speech through the engine and write an MP4 with per-block timings."""
-    if family == "liveavatar":
-        return _demo_liveavatar(out, seconds, audio, resample, image, preset, device, dtype, seed, chunk_ms,
-                                quantize, progress)
-    if family != "livetalk":
-        raise typer.BadParameter(f"family must be livetalk or liveavatar, got {family!r}", param_hint="--family")
-    if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
-        raise typer.BadParameter(f"device must be cpu or cuda[:N], got {device!r}", param_hint="--device")
-    if dtype is not None and dtype not in _DTYPES:
-        raise typer.BadParameter(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}", param_hint="--dtype")
-    random_weights = checkpoint is None
-    prompt_args = _prompt_args(prompt, prompt_embeds, random_weights)
-    warning = RANDOM_WEIGHTS_WARNING.format(preset=preset)
-    if random_weights:
-        typer.secho(warning, fg=typer.colors.YELLOW, bold=True, err=True)
+    # Everything the user gave is checked and read before any model is built.
+    _check_out(out)
+    _check_options(family, device, dtype, quantize)
+    preset = _resolve_preset(family, preset, checkpoint)
+    if decoder not in ("wan", "taehv"):
+        raise typer.BadParameter(f"decoder must be wan or taehv, got {decoder!r}", param_hint="--decoder")
+    from runtime.media import load_image
 
+    reference = load_image(image) if image else None
+    samples = _load_demo_audio(audio, seconds, 16000, resample, seed)  # both families take 16 kHz
+    if family == "liveavatar":
+        return _demo_liveavatar(out, samples, reference, preset, checkpoint, device, dtype, seed, chunk_ms,
+                                quantize, progress)
+    prompt_args = _prompt_args(prompt, prompt_embeds, checkpoint is None)
+    if checkpoint is not None:
+        check_livetalk_release(checkpoint)
+    else:
+        typer.secho(RANDOM_WEIGHTS_WARNING.format(preset=preset), fg=typer.colors.YELLOW, bold=True, err=True)
     # The 11 GB text encoder is loaded only when a text prompt needs it.
     engine = _create_engine(str(checkpoint) if checkpoint else preset, device, dtype, decoder,
                             text_encoder=prompt is not None, text_device=text_device, quantize=quantize)
     cfg = engine.config
-    sr = cfg.audio.sample_rate
-    samples = _load_demo_audio(audio, seconds, sr, resample, seed)
-    from runtime.media import load_image, synthetic_face
-    reference = load_image(image) if image else synthetic_face(cfg.height, cfg.width)
+    from runtime.media import synthetic_face
     try:
-        engine.reset(reference, seed=seed, **prompt_args)
+        engine.reset(synthetic_face(cfg.height, cfg.width) if reference is None else reference, seed=seed,
+                     **prompt_args)
     except ValueError as e:  # a prompt over the token limit, or embeddings of the wrong shape
         raise typer.BadParameter(str(e), param_hint="--prompt / --prompt-embeds") from e
-
-    chunk = max(1, round(chunk_ms * sr / 1000.0))
-    typer.echo(f"engine: {cfg.name} {cfg.width}x{cfg.height} @ {cfg.fps} fps; audio "
-               f"{len(samples) / sr:.2f} s at {sr} Hz in chunks of {chunk} samples")
-    report = stream_to_mp4(engine, samples, out, chunk, progress=progress)
-
-    typer.echo(format_block_table(report))
-    typer.echo(format_summary(report, cfg.fps))
-    typer.echo(f"wrote {out}")
-    if random_weights:
-        typer.secho(warning, fg=typer.colors.YELLOW, bold=True, err=True)
+    _stream_and_report(engine, samples, out, chunk_ms, progress, f"{cfg.name} {cfg.width}x{cfg.height}")
 
 
-def _demo_liveavatar(out, seconds, audio, resample, image, preset, device, dtype, seed, chunk_ms, quantize,
-                     progress) -> None:
-    """Family 2 with random weights (no release files are wired to the CLI yet)."""
-    import torch
-
-    from runtime.liveavatar.engine import LiveAvatarEngine
-    from runtime.media import load_image, synthetic_face
-
-    warning = RANDOM_WEIGHTS_WARNING.split(" Pass")[0].format(preset=preset)
-    typer.secho(warning, fg=typer.colors.YELLOW, bold=True, err=True)
-    try:
-        engine = LiveAvatarEngine.random(preset, device, getattr(torch, dtype) if dtype else None, seed,
-                                         quantize=quantize)
-    except (ValueError, RuntimeError) as e:
-        raise typer.BadParameter(str(e), param_hint="--preset / --quantize") from e
+def _stream_and_report(engine, samples: np.ndarray, out: Path, chunk_ms: float, progress: bool,
+                       name: str) -> None:
     sr = engine.sample_rate
-    samples = _load_demo_audio(audio, seconds, sr, resample, seed)
-    engine.reset(load_image(image) if image else synthetic_face(*engine.size), seed=seed)
     chunk = max(1, round(chunk_ms * sr / 1000.0))
+    typer.echo(f"engine: {name} @ {engine.fps} fps; audio {len(samples) / sr:.2f} s at {sr} Hz in chunks "
+               f"of {chunk} samples")
     report = stream_to_mp4(engine, samples, out, chunk, progress=progress)
     typer.echo(format_block_table(report))
     typer.echo(format_summary(report, engine.fps))
     typer.echo(f"wrote {out}")
-    typer.secho(warning, fg=typer.colors.YELLOW, bold=True, err=True)
+
+
+def _demo_liveavatar(out, samples, reference, preset, checkpoint, device, dtype, seed, chunk_ms, quantize,
+                     progress) -> None:
+    """Family 2: the release files under --checkpoint (runtime.families.liveavatar.loading.find_release), or
+    random weights of the preset."""
+    from runtime.engine import Engine
+    from runtime.families.liveavatar.family import PRESET_OF
+    from runtime.media import synthetic_face
+
+    engine_preset = {v: k for k, v in PRESET_OF.items()}[preset]   # CLI preset -> engine preset name
+    if checkpoint is not None:
+        from runtime.families.liveavatar.loading import find_release
+
+        find_release(checkpoint)  # names every missing file before anything is built
+        engine = Engine.from_pretrained(str(checkpoint), device, _torch_dtype(dtype), config=engine_preset,
+                                        quantize=quantize, max_sessions=1)
+    else:
+        typer.secho(RANDOM_WEIGHTS_WARNING.format(preset=preset), fg=typer.colors.YELLOW, bold=True, err=True)
+        engine = Engine.from_pretrained(engine_preset, device, _torch_dtype(dtype), seed=seed, quantize=quantize,
+                                        max_sessions=1)
+    engine.reset(synthetic_face(*engine.size) if reference is None else reference, seed=seed)
+    h, w = engine.size
+    _stream_and_report(engine, samples, out, chunk_ms, progress, f"Live Avatar {preset} {w}x{h}")
 
 
 def _prompt_args(prompt: str | None, embeds_file: Path | None, random_weights: bool) -> dict:

@@ -13,6 +13,11 @@ from typing import Self
 
 import numpy as np
 
+
+class MediaError(ValueError):
+    """A media file or array the runtime cannot use (not an image, no audio, no samples): names the file."""
+
+
 # ---- images -------------------------------------------------------------------------------------
 
 def load_image(image) -> np.ndarray:
@@ -44,7 +49,7 @@ def _load_image_file(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             return np.array(im.convert("RGB"), dtype=np.uint8)
     except UnidentifiedImageError as e:
-        raise ValueError(f"cannot decode reference image {path}: not a supported image file") from e
+        raise MediaError(f"{path}: not an image file Pillow can decode (expected PNG, JPEG, WebP, ...)") from e
 
 
 def _image_array_to_rgb(arr: np.ndarray) -> np.ndarray:
@@ -74,7 +79,7 @@ def resize_cover_center_crop(image, height: int, width: int) -> np.ndarray:
     from PIL import Image
 
     _check_size(height, width)
-    rgb = load_image(image)
+    rgb = _reduce_huge(_rgb_view(image), height, width)
     h, w = rgb.shape[:2]
     scale = max(height / h, width / w)
     new_h, new_w = max(height, int(h * scale)), max(width, int(w * scale))
@@ -83,6 +88,40 @@ def resize_cover_center_crop(image, height: int, width: int) -> np.ndarray:
     top = new_h - height - (new_h - height) // 2
     left = new_w - width - (new_w - width) // 2
     return np.ascontiguousarray(rgb[top:top + height, left:left + width])
+
+
+# Images more than this many times the target (in the covering scale) are first box-reduced by an integer
+# factor: Pillow's own `reducing_gap` rule (3 is its "indistinguishable from fair resampling" setting).
+# It bounds the memory and time of a huge reference (20000^2: 1.2 GB in, no float copy) and never
+# touches ordinary photos (a 1920x1080 portrait is < 3x a 512 target).
+_REDUCING_GAP = 3
+
+
+def _rgb_view(image) -> np.ndarray:
+    """An RGB uint8 array of `image`; an HxWx3 array is checked and viewed, not copied."""
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
+        if 0 in image.shape:
+            raise ValueError(f"reference image is empty (shape {image.shape})")
+        return image
+    return load_image(image)
+
+
+def _reduce_huge(rgb: np.ndarray, height: int, width: int, rows_per_pass: int = 64) -> np.ndarray:
+    """Box-average by the integer factor k that leaves the image >= _REDUCING_GAP x the cover size
+    (k = 1: `rgb` itself). Done a band of rows at a time, so no full-size float copy is ever made."""
+    h, w = rgb.shape[:2]
+    k = int(min(h / height, w / width) // _REDUCING_GAP)
+    if k < 2:
+        return rgb
+    from PIL import Image
+
+    out_h, out_w = h // k, w // k
+    out = np.empty((out_h, out_w, 3), np.uint8)
+    for r in range(0, out_h, rows_per_pass):
+        rows = min(rows_per_pass, out_h - r)
+        band = np.ascontiguousarray(rgb[r * k:(r + rows) * k, :out_w * k])
+        out[r:r + rows] = np.asarray(Image.fromarray(band).reduce(k))  # Pillow's box reduce, in C
+    return out
 
 
 def _check_size(height, width) -> None:
@@ -116,11 +155,11 @@ def synthetic_face(height: int, width: int) -> np.ndarray:
 
 # ---- audio files --------------------------------------------------------------------------------
 
-def read_wav(path, mixdown: bool = False) -> tuple[np.ndarray, int]:
-    """Decode an audio file (wav or anything PyAV reads) to (float32 mono samples, sample_rate).
+def read_audio_file(path) -> tuple[np.ndarray, int]:
+    """Decode an audio file (wav or anything PyAV reads) to (float32 [channels, n] samples, sample_rate).
 
-    The file's own rate is returned; nothing is resampled. Integer PCM is scaled to [-1, 1).
-    Multi-channel audio is an error unless `mixdown=True`, which averages the channels.
+    The file's own rate and channels are kept; integer PCM is scaled to [-1, 1). A file PyAV cannot
+    open, one without an audio stream and one with no samples raise MediaError naming the file.
     """
     import av
 
@@ -130,19 +169,29 @@ def read_wav(path, mixdown: bool = False) -> tuple[np.ndarray, int]:
     try:
         container = av.open(str(path))
     except av.FFmpegError as e:
-        raise ValueError(f"cannot open audio file {path}: {e}") from e
+        raise MediaError(f"{path}: not an audio file PyAV can decode ({e})") from e
     with container:
         if not container.streams.audio:
-            raise ValueError(f"{path} has no audio stream")
+            raise MediaError(f"{path}: has no audio stream")
         stream = container.streams.audio[0]
-        channels = stream.codec_context.channels
-        if channels > 1 and not mixdown:
-            raise ValueError(f"{path} has {channels} channels; the engine takes mono audio "
-                             f"(pass mixdown=True to average the channels)")
         rate = stream.codec_context.sample_rate
         planes = _decode_planar_float(container, stream)
+    if planes.shape[1] == 0:
+        raise MediaError(f"{path}: holds no audio samples (0 samples)")
+    return planes, int(rate)
+
+
+def read_wav(path, mixdown: bool = False) -> tuple[np.ndarray, int]:
+    """Decode an audio file to (float32 mono samples, sample_rate) (see read_audio_file).
+
+    Nothing is resampled. Multi-channel audio is an error unless `mixdown=True`, which averages the channels.
+    """
+    planes, rate = read_audio_file(path)
+    if planes.shape[0] > 1 and not mixdown:
+        raise ValueError(f"{path} has {planes.shape[0]} channels; the engine takes mono audio "
+                         f"(pass mixdown=True to average the channels)")
     samples = planes.mean(axis=0) if planes.shape[0] > 1 else planes[0]
-    return np.ascontiguousarray(samples, dtype=np.float32), int(rate)
+    return np.ascontiguousarray(samples, dtype=np.float32), rate
 
 
 def _decode_planar_float(container, stream) -> np.ndarray:

@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import time
 import traceback
@@ -926,14 +927,38 @@ def _error_of(r: dict) -> PipelineError:
                          rank=r["rank"], role=r["role"], stage=r["stage"], session=r["session"], block=r["block"])
 
 
-def _root_cause(root: Path, procs) -> PipelineError:
-    """The first failure that is not a peer noticing it (waits on a dead peer fail too, later)."""
+def _root_cause(root: Path, procs, exit_codes: list[int | None] | None = None) -> PipelineError:
+    """The first failure that is not a peer noticing it (waits on a dead peer fail too, later).
+
+    A rank that died without a report (SIGKILL, the OOM killer, a crash in native code) is that
+    failure: its peers' reports then only say "connection closed". `exit_codes`: the ranks' codes
+    before the driver ended any of them (so a signal the driver sent is not taken for the cause).
+    """
+    codes = [p.exitcode for p in procs] if exit_codes is None else exit_codes
+    silent = [(r, c) for r, c in enumerate(codes) if c not in (None, 0) and not (root / f"error{r}.json").exists()]
     reports = [json.loads(p.read_text()) for p in sorted(root.glob("error*.json"))]
+    if silent:
+        rank, code = silent[0]
+        then = ""
+        if reports:
+            first = min(reports, key=lambda e: e["time"])
+            then = f"; then rank {first['rank']} failed in stage '{first['stage']}': {first['cause']}"
+        return PipelineError(f"pipeline rank {rank} died without reporting an error: {_exit_reason(code)}{then}",
+                             rank=rank)
     if reports:
         return _error_of(min(reports, key=lambda e: (e["transfer"], e["time"])))
-    dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
-    return PipelineError(f"pipeline ranks exited without reporting an error: {dead} (rank, exit code)",
-                         rank=dead[0][0] if dead else None)
+    return PipelineError("pipeline ranks failed without reporting an error", rank=None)
+
+
+def _exit_reason(code: int) -> str:
+    """'killed by signal 9 (SIGKILL)' or 'exit code 3' (multiprocessing gives -N for signal N)."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown signal"
+        return f"killed by signal {-code} ({name})"
+    return f"exit code {code}"
 
 
 def _session_errors(root: Path, layout: Layout, ends: dict[int, dict]) -> dict[int, PipelineError]:
@@ -956,19 +981,22 @@ def _session_errors(root: Path, layout: Layout, ends: dict[int, dict]) -> dict[i
     return errors
 
 
-def _stop(procs, grace_s: float) -> None:
-    """Give ranks `grace_s` to exit on their own (peers of a failed rank fail fast), then end them."""
-    procs = [p for p in procs if p.pid is not None]  # started ones
+def _stop(procs, grace_s: float) -> list[int | None]:
+    """Give ranks `grace_s` to exit on their own (peers of a failed rank fail fast), then end them.
+    Returns the exit codes the ranks had before any was ended here (None: still running then)."""
+    started = [p for p in procs if p.pid is not None]
     deadline = time.monotonic() + grace_s
-    for p in procs:
+    for p in started:
         p.join(max(0.0, deadline - time.monotonic()))
-    for p in procs:
+    codes = [p.exitcode if p.pid is not None else None for p in procs]
+    for p in started:
         if p.is_alive():
             p.terminate()
             p.join(5)
         if p.is_alive():
             p.kill()
             p.join(5)
+    return codes
 
 
 def _check_streams(cfg: EngineConfig, streams: Sequence[StreamSpec]) -> list[StreamSpec]:
@@ -1058,8 +1086,7 @@ def _wait(procs, root: Path, deadline: float) -> None:
         if all(c == 0 for c in codes):
             return
         if any(c not in (None, 0) for c in codes) or any(root.glob("error*.json")):
-            _stop(procs, grace_s=3.0)
-            raise _root_cause(root, procs)
+            raise _root_cause(root, procs, _stop(procs, grace_s=3.0))
         if time.perf_counter() > deadline:
             running = [i for i, p in enumerate(procs) if p.is_alive()]
             _stop(procs, 0)

@@ -10,8 +10,10 @@ import pytest
 from PIL import Image
 
 from runtime.media import (
+    MediaError,
     Mp4Writer,
     load_image,
+    read_audio_file,
     read_wav,
     resize_cover_center_crop,
     synth_speech_like,
@@ -75,7 +77,7 @@ def test_load_image_file_errors(tmp_path):
         load_image(tmp_path / "missing.png")
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not an image at all")
-    with pytest.raises(ValueError, match="cannot decode"):
+    with pytest.raises(MediaError, match="junk.png: not an image file"):
         load_image(junk)
 
 
@@ -105,6 +107,27 @@ def test_resize_cover_center_crop_matches_upstream(hw, target):
     ref = _upstream_resize_pad(img, *target)
     # Pillow's fixed-point filter + rounding to uint8 vs a float64 reference: at most one level.
     assert np.abs(out.astype(np.float64) - ref).max() <= 1.01
+
+
+def _smooth_image(h: int, w: int) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([127 + 100 * np.sin(2 * np.pi * y / h), 127 + 100 * np.cos(3 * np.pi * x / w),
+                    255 * (x + y) / (h + w)], axis=-1)
+    return img.round().astype(np.uint8)
+
+
+def test_huge_reference_is_reduced_before_any_full_size_copy():
+    import tracemalloc
+    big = _smooth_image(4000, 3000)
+    tracemalloc.start()
+    out = resize_cover_center_crop(big, 64, 48)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert out.shape == (64, 48, 3)
+    assert peak < big.nbytes / 10  # no copy of the input (the old path copied it: peak >= big.nbytes)
+    # Box-reduce first, then bilinear: within a few levels of the direct antialiased resize.
+    ref = _upstream_resize_pad(big, 64, 48)
+    assert np.abs(out.astype(np.float64) - ref).max() <= 4.0
 
 
 def test_resize_cover_center_crop_odd_excess_offsets():
@@ -188,6 +211,21 @@ def test_read_wav_errors(tmp_path):
     junk.write_bytes(b"\x00garbage" * 10)
     with pytest.raises(ValueError, match="junk.wav"):
         read_wav(junk)
+
+
+def test_read_audio_file_keeps_channels_and_rate(tmp_path):
+    pcm = np.random.default_rng(6).integers(-32768, 32768, (700, 2)).astype(np.int16)
+    _write_pcm16(tmp_path / "st.wav", pcm, 44100)
+    planes, rate = read_audio_file(tmp_path / "st.wav")
+    assert rate == 44100 and planes.shape == (2, 700)
+    np.testing.assert_array_equal(planes, pcm.T.astype(np.float32) / 32768.0)
+
+
+def test_empty_wav_is_an_error_naming_the_file(tmp_path):
+    write_wav(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
+    for read in (read_wav, read_audio_file):
+        with pytest.raises(MediaError, match="empty.wav: holds no audio samples"):
+            read(tmp_path / "empty.wav")
 
 
 # ---- synthetic speech ---------------------------------------------------------------------------

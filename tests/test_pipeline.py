@@ -4,8 +4,12 @@ Every rank runs one torch thread, and so does the reference engine here: the com
 The first pipeline run of the module starts the forkserver (imports once); later runs take ~1 s.
 """
 import itertools
+import json
 import multiprocessing
+import os
+import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +30,7 @@ from runtime.pipeline import (
     PipelineError,
     Status,
     StreamSpec,
+    _wait,
     parse_header,
     run_pipeline,
     run_pipeline_streams,
@@ -344,3 +349,60 @@ def test_cancel_before_any_block(three_streams):
     run = run_pipeline_streams(PRESET, 3, streams, timeout_s=120)
     assert run.cancelled == {0} and run.blocks[0] == [] and issued(run, 0) == []
     assert_same_blocks(run.result(1), wants[2])
+
+
+# ---- a rank that dies without a report (SIGKILL) --------------------------------------------------
+
+def _peer_noticing(root: str) -> None:
+    """What a live peer of a killed rank does: fail a wait on it and report that (after it died)."""
+    time.sleep(0.3)
+    Path(root, "error0.json").write_text(json.dumps({
+        "rank": 0, "role": "step 0 + audio", "stage": "setup", "session": -1, "block": -1, "transfer": False,
+        "cause": "RuntimeError: Connection closed by peer", "time": time.time(), "traceback": ""}))
+    os._exit(1)
+
+
+def _killed(root: str) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_driver_names_the_rank_killed_by_a_signal(tmp_path):
+    """runtime.pipeline._wait (also the family-2 TPP's driver) names the killed rank, not its peer's report."""
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=f, args=(str(tmp_path),)) for f in (_peer_noticing, _killed)]
+    for p in procs:
+        p.start()
+    with pytest.raises(PipelineError) as info:
+        _wait(procs, tmp_path, time.perf_counter() + 30)
+    e = info.value
+    assert e.rank == 1
+    assert str(e).startswith("pipeline rank 1 died without reporting an error: killed by signal 9 (SIGKILL)")
+    assert "then rank 0 failed in stage 'setup': RuntimeError: Connection closed by peer" in str(e)
+
+
+def test_a_killed_pipeline_rank_is_named():
+    """End to end: rank 1 of a real pipeline is SIGKILLed while it sets up."""
+    import threading
+
+    caught: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_pipeline(PRESET, 2, speech(1.6, seed=3), image(0), timeout_s=120, comm_timeout_s=30)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            caught.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ranks = [p for p in multiprocessing.active_children() if p.name == "pipeline-rank1" and p.pid]
+        if ranks:
+            os.kill(ranks[0].pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    thread.join(90)
+    assert not thread.is_alive() and caught, "the pipeline did not fail"
+    assert isinstance(caught[0], PipelineError) and caught[0].rank == 1, caught[0]
+    assert "pipeline rank 1 died without reporting an error: killed by signal 9 (SIGKILL)" in str(caught[0])
+    assert no_rank_left()

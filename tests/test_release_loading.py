@@ -52,3 +52,51 @@ def test_missing_files_are_named(tmp_path, source):
         Engine.from_pretrained(str(tmp_path), device="cpu", config="micro")
     with pytest.raises(FileNotFoundError, match="not a preset name"):
         Engine.from_pretrained(str(tmp_path / "nowhere"), device="cpu")
+
+
+# ---- family 2: finding the release files under one directory (runtime.families.liveavatar.loading.find_release) ----
+
+def _liveavatar_names(root):
+    """Empty files with the Live Avatar release names (find_release reads names, never contents)."""
+    trunk = root / "ckpt" / "Wan2.2-S2V-14B"
+    trunk.mkdir(parents=True)
+    (trunk / "diffusion_pytorch_model.safetensors.index.json").write_text("{}")
+    (trunk / "Wan2.1_VAE.pth").write_bytes(b"")
+    (root / "ckpt" / "liveavatar.safetensors").write_bytes(b"")
+    (root / "wav2vec2-large-xlsr-53-english").mkdir()
+    (root / "wav2vec2-large-xlsr-53-english" / "config.json").write_text("{}")
+    return trunk
+
+
+def test_find_release_locates_every_file_at_any_depth(tmp_path):
+    from runtime.families.liveavatar.loading import find_release
+
+    trunk = _liveavatar_names(tmp_path)
+    files = find_release(tmp_path)
+    assert files.trunk == trunk and files.vae == trunk / "Wan2.1_VAE.pth"
+    assert files.lora == tmp_path / "ckpt" / "liveavatar.safetensors"
+    assert files.wav2vec == tmp_path / "wav2vec2-large-xlsr-53-english"
+
+
+def test_find_release_lists_what_is_missing_and_the_layout(tmp_path):
+    from runtime.families.liveavatar.loading import find_release
+
+    trunk = _liveavatar_names(tmp_path)
+    (trunk / "Wan2.1_VAE.pth").unlink()
+    (tmp_path / "ckpt" / "liveavatar.safetensors").unlink()
+    with pytest.raises(CheckpointError) as err:
+        find_release(tmp_path)
+    msg = str(err.value)
+    assert "no liveavatar.safetensors, no Wan2.1_VAE.pth" in msg and "index" not in msg.split("(expected")[0]
+    assert "Wan2.2-S2V-14B/" in msg and "wav2vec2-large-xlsr-53-english/" in msg  # the expected layout
+    with pytest.raises(CheckpointError, match="not a directory"):
+        find_release(tmp_path / "nowhere")
+
+
+def test_find_release_refuses_two_candidates(tmp_path):
+    from runtime.families.liveavatar.loading import find_release
+
+    _liveavatar_names(tmp_path)
+    (tmp_path / "liveavatar.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="several liveavatar.safetensors"):
+        find_release(tmp_path)

@@ -22,7 +22,7 @@ from runtime.models.vae import WanVAE
 from .audio_front import FrontEndSettings, Wav2VecFrontEnd
 from .config import LiveAvatarConfig
 from .fp8 import quantize_liveavatar_fp8
-from .loading import load_liveavatar
+from .loading import find_release, load_liveavatar
 from .model import LiveAvatarDiT, build_liveavatar
 from .presets import EnginePreset, engine_preset, random_wav2vec2
 from .random_weights import materialize_random, randomize_weights
@@ -57,24 +57,6 @@ def random_parts(preset: str, device, dtype, seed: int, quantize: str | None, de
     return _assemble(p, model, vae, random_wav2vec2(p, seed), True, device, dtype, quantize)
 
 
-def release_paths(root: Path) -> tuple[Path, Path, Path, Path]:
-    """(trunk dir, LoRA file, VAE file, wav2vec2 dir) of a release directory laid out as downloaded:
-    `Wan2.2-S2V-14B/` (shards, index, config.json, `Wan2.1_VAE.pth`, maybe `wav2vec2-large-xlsr-53-english/`),
-    `liveavatar.safetensors` at the top or in `Live-Avatar/` / `LiveAvatar/`, wav2vec2 at the top or in
-    the trunk directory. Raises FileNotFoundError naming every missing part."""
-    root = Path(root)
-    trunk, *loras, w2v_top, w2v_in_trunk = release_candidates(root)
-    paths = (trunk, _first(*loras), trunk / "Wan2.1_VAE.pth", _first(w2v_top, w2v_in_trunk))
-    missing = [str(p.relative_to(root)) for p in paths if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"{root}: not a Live Avatar release directory, missing {', '.join(missing)} "
-                                f"(expected Wan2.2-S2V-14B/ with Wan2.1_VAE.pth, liveavatar.safetensors, {W2V_DIR}/)")
-    return paths
-
-
-W2V_DIR = "wav2vec2-large-xlsr-53-english"
-
-
 def release_candidates(root: Path) -> tuple[Path, ...]:
     """Where the release's parts may be: the trunk dir, three LoRA places, two wav2vec2 places."""
     root = Path(root)
@@ -83,13 +65,10 @@ def release_candidates(root: Path) -> tuple[Path, ...]:
             root / "LiveAvatar" / "liveavatar.safetensors", root / W2V_DIR, trunk / W2V_DIR)
 
 
-def _first(*candidates: Path) -> Path:
-    return next((p for p in candidates if p.exists()), candidates[0])
-
-
 def pretrained_parts(root: Path, device, dtype, quantize: str | None, preset: str) -> FamilyParts:
-    """The release files under `root` (release_paths), of `preset`'s shapes."""
-    return pretrained_from_paths(release_paths(root), device, dtype, quantize, preset)
+    """The release files under `root` (loading.find_release), of `preset`'s shapes."""
+    files = find_release(root)
+    return pretrained_from_paths((files.trunk, files.lora, files.vae, files.wav2vec), device, dtype, quantize, preset)
 
 
 def pretrained_from_paths(paths, device, dtype, quantize: str | None, preset: str) -> FamilyParts:

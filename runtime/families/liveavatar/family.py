@@ -85,7 +85,7 @@ class LiveAvatar(Family):
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
     def recognises(cls, root: Path) -> bool:
-        """Any part of the release layout (build.release_paths): `build` then names what is missing."""
+        """Any part of the release layout (loading.find_release): `build` then names what is missing."""
         return any(p.exists() for p in release_candidates(root))
 
     @classmethod
@@ -93,7 +93,7 @@ class LiveAvatar(Family):
               backend: str = "auto", config: str = "liveavatar-14b", quantize: str | None = None,
               device_init: bool = False, settings: StreamSettings | None = None) -> LiveAvatar:
         """A preset: random weights (seeded; `device_init` draws the 14B trunk on the device). A
-        directory: the release files (build.release_paths), of preset `config`'s shapes, loaded strictly.
+        directory: the release files (loading.find_release), of preset `config`'s shapes, loaded strictly.
         `backend`: attention ops; family 2 runs its eager PyTorch attention only (any value but "auto"
         or "torch" is refused). `settings`: the sink and seed defaults of every session."""
         if backend not in ("auto", "torch"):

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
-from ...checkpoint import CheckpointError, check_shapes, load_into
+from ...checkpoint import CheckpointError, check_shapes, load_into, load_safetensors, read_index, shard_paths
 from .config import LiveAvatarConfig, LoraConfig, resolve_config
 from .lora import merge_lora, parse_lora
 from .model import LiveAvatarDiT, build_liveavatar
@@ -26,17 +26,53 @@ RELEASE_STEM = "diffusion_pytorch_model"
 RELEASE_INDEX = f"{RELEASE_STEM}.safetensors.index.json"
 WHAT = "Wan2.2-S2V-14B trunk"
 
+RELEASE_LAYOUT = ("Wan2.2-S2V-14B/ (diffusion_pytorch_model-0000N-of-0000M.safetensors + "
+                  f"{RELEASE_INDEX} [+ config.json]), Wan2.1_VAE.pth (or .safetensors; in Wan2.2-S2V-14B/ "
+                  "upstream), liveavatar.safetensors (the LoRA), wav2vec2-large-xlsr-53-english/ (a Hugging "
+                  "Face directory with config.json), at any depth")
+
+
+@dataclass(frozen=True)
+class ReleaseFiles:
+    """Where the Live Avatar release files are (LiveAvatarEngine.from_pretrained's four arguments)."""
+
+    trunk: Path    # the directory holding the trunk shards and their index json
+    lora: Path     # liveavatar.safetensors
+    vae: Path      # Wan2.1_VAE.pth or .safetensors
+    wav2vec: Path  # wav2vec2-large-xlsr-53-english/
+
+
+def _only(hits: list[Path], what: str, root: Path) -> Path | None:
+    if len(hits) > 1:
+        raise CheckpointError(f"{root}: several {what}: {[str(h.relative_to(root)) for h in hits]}; "
+                              f"keep one or pass the files one by one")
+    return hits[0] if hits else None
+
+
+def find_release(root: str | Path) -> ReleaseFiles:
+    """Find the family-2 release files under `root` (any nesting), or raise one CheckpointError naming
+    what is missing and the expected layout. Reads directory entries only, no file contents."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a directory (expected the Live Avatar release: {RELEASE_LAYOUT})")
+    index = _only(sorted(root.rglob(RELEASE_INDEX)), RELEASE_INDEX, root)
+    lora = _only(sorted(root.rglob("liveavatar.safetensors")), "liveavatar.safetensors", root)
+    vae = _only(sorted(p for p in root.rglob("Wan2.1_VAE.*") if p.suffix in (".pth", ".safetensors")),
+                "Wan2.1_VAE files", root)
+    w2v = _only(sorted(p.parent for p in root.rglob("wav2vec2-large-xlsr-53-english/config.json")),
+                "wav2vec2-large-xlsr-53-english directories", root)
+    found = {"trunk index " + RELEASE_INDEX: index, "liveavatar.safetensors": lora, "Wan2.1_VAE.pth": vae,
+             "wav2vec2-large-xlsr-53-english/config.json": w2v}
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        raise CheckpointError(f"{root}: not a Live Avatar release directory: no {', no '.join(missing)} "
+                              f"(expected {RELEASE_LAYOUT})")
+    return ReleaseFiles(index.parent, lora, vae, w2v)
+
 
 def _shards_of_index(index_path: Path) -> tuple[list[Path], dict[str, str]]:
-    index = json.loads(index_path.read_text())
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index_path}: no 'weight_map' in the index")
-    shards = [index_path.parent / name for name in sorted(set(weight_map.values()))]
-    absent = [p.name for p in shards if not p.is_file()]
-    if absent:
-        raise CheckpointError(f"{index_path}: shards listed in the index are missing: {absent}")
-    return shards, weight_map
+    weight_map = read_index(index_path)
+    return shard_paths(index_path, weight_map), weight_map
 
 
 def trunk_files(source: str | Path | Sequence[str | Path]) -> tuple[list[Path], dict[str, str] | None]:
@@ -115,7 +151,7 @@ def check_release_config(config_json: Path, cfg: LiveAvatarConfig) -> None:
 def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for path in files:
-        state.update(load_file(str(path)))
+        state.update(load_safetensors(path))
     return state
 
 
@@ -123,7 +159,7 @@ def read_lora(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: the LoRA is read from safetensors (liveavatar.safetensors)")
-    return load_file(str(path))
+    return load_safetensors(path)
 
 
 def load_liveavatar(trunk: str | Path | Sequence[str | Path], lora_path: str | Path | None = None,
