@@ -14,8 +14,9 @@ the worker has nothing left to do, the session asks for one silence-driven block
 fewer than `idle_prefetch_frames` frames are waiting, and always when the consumer is waiting on an
 empty buffer; so the stream never freezes. While a segment is open the session waits for its audio
 (idle blocks would put silence into the middle of the utterance), but only for `stall_timeout` seconds
-after the last push: a TTS that stalls longer gets idle blocks too (its queued speech comes out first,
-padded with silence), and its next audio starts at the next block boundary, as speech after idle does.
+after the last push: a TTS that stalls longer gets idle blocks as above, prefetch included (its queued
+speech comes out first, padded with silence), and its next audio starts at the next block boundary, as
+speech after idle does.
 Speech that arrives during idle starts at the next block boundary: idle blocks already generated are
 yielded first.
 
@@ -75,6 +76,8 @@ class AvatarSession:
         cfg = engine.config
         block = cfg.video_frames_in_block(1)
         self.fps, self.sample_rate = cfg.fps, cfg.audio.sample_rate
+        self.size = (cfg.height, cfg.width)     # of the video frames
+        self.block_frames = block               # frames per block after the first
         self.samples_per_frame = cfg.samples_per_video_frame
         self.max_buffered_frames = 2 * block if max_buffered_frames is None else max_buffered_frames
         if self.max_buffered_frames < 1:
@@ -237,10 +240,8 @@ class AvatarSession:
         """Ask for a silence-driven block when nothing else will produce frames (see module doc)."""
         if self._pending or self._error is not None or self._closed:
             return
-        if self._segment is not None:
-            if consumer_waiting and self._stall_left() == 0:
-                self._submit(self._driver.idle, self._buffer.epoch)
-            return
+        if self._segment is not None and self._stall_left() != 0:
+            return   # the segment's audio is still coming: idle blocks would cut into the utterance
         if consumer_waiting or self._buffer.frames < self.idle_prefetch_frames:
             self._submit(self._driver.idle, self._buffer.epoch)
 
