@@ -16,7 +16,7 @@ from runtime.media import synth_speech_like
 rtc = pytest.importorskip("livekit.rtc", reason="needs livekit-agents: pip install -e '.[livekit]' "
                           "(in the test extra: bash scripts/setup.sh)")
 lk_avatar = pytest.importorskip("livekit.agents.voice.avatar")
-from runtime.integrations import livekit as lk  # noqa: E402
+from runtime.integrations import livekit as lk
 
 TTS_RATE = 24000       # a common TTS rate: resampled to the engine's 16 kHz
 SR, FPS = 16000, 16

@@ -23,8 +23,9 @@ from .spans import SpeechSpans
 
 
 class EngineDriver:
-    def __init__(self, engine, buffer: OutputBuffer):
+    def __init__(self, engine, buffer: OutputBuffer, on_block=None):
         self.engine, self.buffer, self.cfg = engine, buffer, engine.config
+        self.on_block = on_block
         self.stream = None              # what step/idle/interrupt go to: a session, or the engine
         self.spf = self.cfg.samples_per_video_frame
         self.rate = self.cfg.audio.sample_rate
@@ -113,6 +114,8 @@ class EngineDriver:
 
     def _emit(self, blocks, epoch: int) -> None:
         for block in blocks:
+            if self.on_block is not None:
+                self.on_block(block)
             self.next_block = block.index + 1
             self.buffer.put(self._items(block, epoch), epoch)
         self.spans.release_before(self.covered)

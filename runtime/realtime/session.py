@@ -59,7 +59,7 @@ class AvatarSession:
     def __init__(self, engine, reference_image, *, seed: int = 0, prompt: str | None = None,
                  prompt_embeds=None, resample: bool = False, pace: bool = False,
                  max_buffered_frames: int | None = None, idle_prefetch_frames: int | None = None,
-                 max_lag: float = 0.3, stall_timeout: float | None = None,
+                 max_lag: float = 0.3, stall_timeout: float | None = None, on_block=None,
                  clock=time.monotonic, sleep=asyncio.sleep):
         """`engine` is used by this session alone until aclose() (it is not thread-safe).
 
@@ -72,6 +72,7 @@ class AvatarSession:
         stall_timeout: seconds without a push, while a segment is open and the consumer waits on an
           empty buffer, after which idle blocks fill the gap (default 0.25 s when pacing: a real-time TTS
           pushes every 20-40 ms; None otherwise: then an open segment always waits for its audio).
+        on_block: called with each VideoBlock on the worker thread (metrics); it must not block.
         """
         cfg = engine.config
         block = cfg.video_frames_in_block(1)
@@ -89,6 +90,7 @@ class AvatarSession:
         if self.stall_timeout is not None and self.stall_timeout < 0:
             raise ValueError(f"stall_timeout must be >= 0 seconds, got {stall_timeout}")
         self.resample = resample
+        self._on_block = on_block
         self._clock = clock
         self._last_push = clock()
         self._logged_rate = self.sample_rate
@@ -115,7 +117,7 @@ class AvatarSession:
         loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
         self._buffer = OutputBuffer(self.max_buffered_frames, on_put=partial(_soon, loop, self._changed.set))
-        self._driver = EngineDriver(self._engine, self._buffer)
+        self._driver = EngineDriver(self._engine, self._buffer, self._on_block)
         self._worker = EngineWorker(self._driver, on_done=partial(_soon, loop, self._command_done),
                                     on_error=partial(_soon, loop, self._fail))
         self._worker.start()

@@ -1,0 +1,184 @@
+"""`avatar serve` on 127.0.0.1: the WebSocket protocol (raw frames equal to the engine's; fragmented MP4
+that decodes), admission control, idle timeout, failure isolation, /health and /metrics.
+
+The micro preset on CPU, pace=False (frames as fast as they exist); every client is bounded in time.
+"""
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("aiohttp", reason="needs aiohttp: pip install -e '.[serve]' (in the test extra: "
+                    "bash scripts/setup.sh)")
+import av
+from aiohttp import ClientSession, WSMsgType
+
+from runtime import Engine
+from runtime.media import synth_speech_like
+from runtime.server.app import AvatarServer
+
+from .server_client import running, stream_raw
+
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.from_pretrained("micro", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def face():
+    return np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+def pcm(seconds, seed):
+    return np.round(synth_speech_like(seconds, sample_rate=SR, seed=seed) * 32767).astype(np.int16)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 90))
+
+
+def oracle_frames(engine, face, seed, idle_blocks, speech):
+    """What the session's engine calls were: idle blocks, the padding dropped, the speech, its tail."""
+    engine.reset(face, seed=seed)
+    blocks = engine.idle(idle_blocks) if idle_blocks else []
+    if idle_blocks:
+        engine.interrupt()
+    blocks += engine.step(speech.astype(np.float32) / 32768) + engine.end_segment()
+    return [f for b in blocks for f in b.frames]
+
+
+def test_raw_session_frames_equal_the_engine(engine, face):
+    speech = pcm(1.0, seed=2)
+
+    async def go():
+        async with running(AvatarServer(engine, face, pace=False)) as url:
+            return await stream_raw(url, speech, seed=4)
+
+    out = run(go())
+    assert out["ready"]["type"] == "ready" and out["ready"]["fps"] == 16
+    assert out["acks"][0] == {"type": "playback_finished", "segment": 0, "position": 1.0, "interrupted": False}
+    frames = out["frames"]
+    assert [f[0] for f in frames] == list(range(len(frames)))
+    idle_blocks = len({b for _, b, seg, _ in frames if seg is None and b < min(b for _, b, s, _ in frames if s == 0)})
+    expected = oracle_frames(engine, face, 4, idle_blocks, speech)
+    assert len(frames) >= len(expected) - 12      # frames up to the ack: the speech's blocks at least
+    for (_, _, _, rgb), ref in zip(frames, expected):
+        np.testing.assert_array_equal(rgb, ref)
+    audio = np.concatenate(out["audio"])
+    start = sum(1 for f in frames if f[1] < idle_blocks) * 1000
+    np.testing.assert_array_equal(audio[start:start + len(speech)], speech)
+
+
+def test_fmp4_session_decodes_to_nonzero_frames(engine, face, tmp_path):
+    async def go():
+        async with running(AvatarServer(engine, face, pace=False)) as url, ClientSession() as http, \
+                http.ws_connect(f"{url}/ws") as ws:
+            await ws.send_json({"type": "start", "sample_rate": 24000})    # resampled by the server
+            ready = await ws.receive_json()
+            speech = np.round(synth_speech_like(1.0, sample_rate=24000, seed=3) * 32767).astype(np.int16)
+            await ws.send_bytes(speech.tobytes())
+            await ws.send_json({"type": "end_of_segment"})
+            texts, data = [], b""
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    texts.append(json.loads(msg.data))
+                    if texts[-1]["type"] == "playback_finished":
+                        await ws.send_json({"type": "stop"})
+                elif msg.type == WSMsgType.BINARY:
+                    data += msg.data
+            return ready, texts, data
+
+    ready, texts, data = run(go())
+    assert ready["format"] == "fmp4"
+    assert texts[0]["type"] == "init" and texts[0]["mime"].startswith('video/mp4; codecs="avc1.')
+    path = tmp_path / "stream.mp4"
+    path.write_bytes(data)
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) >= 16 and all(f.shape == (32, 32, 3) and f.any() for f in frames)
+
+
+def test_capacity_health_and_metrics(engine, face):
+    async def go():
+        async with running(AvatarServer(engine, face, pace=False)) as url, ClientSession() as http:
+            async with http.ws_connect(f"{url}/ws") as first:
+                await first.send_json({"type": "start", "format": "raw"})
+                assert (await first.receive_json())["type"] == "ready"
+                await first.receive()                               # an idle frame: it is streaming
+                async with http.ws_connect(f"{url}/ws") as second:
+                    await second.send_json({"type": "start"})
+                    refusal = await second.receive_json()
+                    await second.receive()
+                    close_code = second.close_code
+                health = await (await http.get(f"{url}/health")).json()
+                metrics = await (await http.get(f"{url}/metrics")).text()
+                await first.send_json({"type": "stop"})
+            return refusal, close_code, health, metrics
+
+    refusal, close_code, health, metrics = run(go())
+    assert refusal["code"] == "at_capacity" and "max_sessions=1" in refusal["message"]
+    assert close_code == 1013
+    assert health["sessions"] == 1 and health["max_sessions"] == 1 and health["status"] == "ok"
+    assert "avatar_sessions 1\n" in metrics and "avatar_refused_total 1\n" in metrics
+    assert 'avatar_block_latency_seconds{quantile="0.99"}' in metrics and "avatar_queue_depth_frames" in metrics
+
+
+def test_bad_start_and_idle_timeout_get_clear_errors(engine, face):
+    async def go():
+        server = AvatarServer(engine, face, pace=False, idle_timeout=0.5)
+        async with running(server) as url, ClientSession() as http:
+            answers = []
+            for start in ({"type": "hello"}, {"type": "start", "format": "webm"}, {"type": "start", "image": "!!"}):
+                async with http.ws_connect(f"{url}/ws") as ws:
+                    await ws.send_json(start)
+                    answers.append(await ws.receive_json())
+            async with http.ws_connect(f"{url}/ws") as ws:
+                await ws.send_json({"type": "start", "format": "raw"})
+                async for msg in ws:
+                    if msg.type == WSMsgType.TEXT and json.loads(msg.data)["type"] == "error":
+                        answers.append(json.loads(msg.data))
+            for _ in range(100):            # the server closes the session right after the socket
+                if not server.sessions:
+                    break
+                await asyncio.sleep(0.02)
+            return answers, len(server.sessions)
+
+    answers, left = run(go())
+    assert [a["code"] for a in answers] == ["bad_request"] * 3 + ["idle_timeout"]
+    assert "first message" in answers[0]["message"] and "format" in answers[1]["message"]
+    assert "base64" in answers[2]["message"]
+    assert left == 0
+
+
+def test_a_failed_session_ends_alone_and_the_server_goes_on(engine, face, monkeypatch):
+    real_decode = engine.stage_decode
+    calls = {"n": 0}
+
+    def decode(s, w):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        real_decode(s, w)
+
+    monkeypatch.setattr(engine, "stage_decode", decode)
+
+    async def go():
+        server = AvatarServer(engine, face, pace=False)
+        async with running(server) as url, ClientSession() as http:
+            async with http.ws_connect(f"{url}/ws") as ws:
+                await ws.send_json({"type": "start", "format": "raw"})
+                failure = None
+                async for msg in ws:
+                    if msg.type == WSMsgType.TEXT and json.loads(msg.data)["type"] == "error":
+                        failure = json.loads(msg.data)
+            again = await stream_raw(url, pcm(0.5, seed=5))           # the next session is served
+            return failure, again, await (await http.get(f"{url}/metrics")).text()
+
+    failure, again, metrics = run(go())
+    assert failure["code"] == "session_failed" and "out of memory" in failure["message"]
+    assert again["acks"][0]["type"] == "playback_finished" and again["frames"]
+    assert "avatar_failed_total 1\n" in metrics
