@@ -91,5 +91,4 @@ def test_loopback_call_receives_synced_audio_and_video():
     # session's frame 0 and sample 0; the first second is skipped (jitter buffers filling).
     v_off = np.median([t - pts for t, pts, _ in video if pts > 1.0])
     a_off = np.median([t - pts for t, pts, _ in audio if pts > 1.0])
-    print(f"\nvideo {len(video)} audio {len(audio)} skew {v_off - a_off:+.4f} s")
     assert abs(v_off - a_off) < 0.040

@@ -82,24 +82,31 @@ def test_fmp4_session_decodes_to_nonzero_frames(engine, face, tmp_path):
             speech = np.round(synth_speech_like(1.0, sample_rate=24000, seed=3) * 32767).astype(np.int16)
             await ws.send_bytes(speech.tobytes())
             await ws.send_json({"type": "end_of_segment"})
-            texts, data = [], b""
+            texts, data = [], [b"", b""]     # per track: FMP4_VIDEO, FMP4_AUDIO
             async for msg in ws:
                 if msg.type == WSMsgType.TEXT:
                     texts.append(json.loads(msg.data))
                     if texts[-1]["type"] == "playback_finished":
                         await ws.send_json({"type": "stop"})
                 elif msg.type == WSMsgType.BINARY:
-                    data += msg.data
+                    data[msg.data[0]] += msg.data[1:]
             return ready, texts, data
 
     ready, texts, data = run(go())
     assert ready["format"] == "fmp4"
-    assert texts[0]["type"] == "init" and texts[0]["mime"].startswith('video/mp4; codecs="avc1.')
-    path = tmp_path / "stream.mp4"
-    path.write_bytes(data)
-    with av.open(str(path)) as container:
+    assert texts[0] == {"type": "init", "video": texts[0]["video"], "audio": 'audio/mp4; codecs="mp4a.40.2"'}
+    assert texts[0]["video"].startswith('video/mp4; codecs="avc1.')
+    (tmp_path / "video.mp4").write_bytes(data[0])
+    (tmp_path / "audio.mp4").write_bytes(data[1])
+    with av.open(str(tmp_path / "video.mp4")) as container:
+        packets = [p for p in container.demux(video=0) if p.dts is not None]
+        assert [p.pts for p in packets] == [i * packets[1].pts for i in range(len(packets))]   # exact, no gap
+    with av.open(str(tmp_path / "video.mp4")) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) >= 16 and all(f.shape == (32, 32, 3) and f.any() for f in frames)
+    with av.open(str(tmp_path / "audio.mp4")) as container:
+        audio = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(audio=0)])
+    assert len(audio) >= 16000 and np.abs(audio).max() > 0.05       # the (resampled) speech, AAC-coded
 
 
 def test_capacity_health_and_metrics(engine, face):

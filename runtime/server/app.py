@@ -28,6 +28,8 @@ from ..realtime import AudioFrame, AvatarSession, AvatarSessionError, PlaybackFi
 from .fmp4 import FragmentedMP4Writer
 from .metrics import Metrics
 from .protocol import (
+    FMP4_AUDIO,
+    FMP4_VIDEO,
     RAW_AUDIO,
     RAW_VIDEO,
     ProtocolError,
@@ -210,12 +212,13 @@ class AvatarServer:
                 elif writer is None:
                     await ws.send_bytes(raw_message(RAW_AUDIO, event.index, video.block, video.segment, event.data))
                 elif isinstance(event, AudioFrame):
-                    data = writer.write(video.rgb, event.pcm)
-                    if data and not sent_init:
-                        await ws.send_json({"type": "init", "mime": writer.mime})
+                    video_bytes, audio_bytes = writer.write(video.rgb, event.pcm)
+                    if video_bytes and not sent_init:
+                        await ws.send_json({"type": "init", "video": writer.video_mime, "audio": writer.audio_mime})
                         sent_init = True
-                    if data:
-                        await ws.send_bytes(data)
+                    for track, data in ((FMP4_VIDEO, video_bytes), (FMP4_AUDIO, audio_bytes)):
+                        if data:
+                            await ws.send_bytes(bytes([track]) + data)
         finally:
             if writer is not None:
                 writer.close()

@@ -8,9 +8,10 @@ audio at the rate given in `start`.
     {"type": "stop"}                end the session
 Server -> client:
     {"type": "ready", "session": id, "fps", "width", "height", "sample_rate", "format"}
-    {"type": "init", "mime": "video/mp4; codecs=..."}   (fmp4: before the first media bytes)
-    binary: fragmented MP4 bytes (fmp4), or raw frames: RAW_HEADER (kind, index, block, segment) then
-            RGB24 [H, W, 3] or PCM16 samples_per_frame
+    {"type": "init", "video": "video/mp4; codecs=...", "audio": "audio/mp4; codecs=..."}
+            (fmp4, before the first media bytes: one SourceBuffer per track)
+    binary: fmp4: one byte FMP4_VIDEO or FMP4_AUDIO, then that track's fragmented MP4 bytes;
+            raw: RAW_HEADER (kind, index, block, segment), then RGB24 [H, W, 3] or PCM16 samples_per_frame
     {"type": "playback_finished", "segment", "position", "interrupted"}
     {"type": "error", "code": "at_capacity" | "bad_request" | "idle_timeout" | "session_failed", "message"}
 """
@@ -26,6 +27,7 @@ import numpy as np
 
 RAW_HEADER = struct.Struct("<BIIi")   # kind, frame index, engine block, speech segment (-1: idle)
 RAW_VIDEO, RAW_AUDIO = 0, 1
+FMP4_VIDEO, FMP4_AUDIO = 0, 1         # the track byte before fmp4 bytes
 FORMATS = ("fmp4", "raw")
 CONTROL = ("end_of_segment", "clear", "stop")
 
