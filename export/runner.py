@@ -317,6 +317,7 @@ class ExportedArtifacts:
         rebuilt from the manifest's source (the preset's seeded random weights, or the checkpoint
         directory's wav2vec2)."""
         from runtime.engine import Engine
+        from runtime.families.livetalk import LiveTalk
 
         if self.manifest.batch != 1:
             raise ValueError(f"the engine runs batch 1; these artifacts were exported for batch {self.manifest.batch}")
@@ -324,7 +325,7 @@ class ExportedArtifacts:
         if audio_encoder is None:
             audio_encoder = _audio_encoder_for(self.manifest, self.config).to(device=self.device, dtype=dtype)
         log.info("engine from exported programs (backend %s)", self.backend)
-        return Engine(self.config, self.dit, self.vae, audio_encoder, device=self.device, dtype=dtype)
+        return Engine(LiveTalk(self.config, self.dit, self.vae, audio_encoder, device=self.device, dtype=dtype))
 
 
 def exported_streaming_decoder(vae: ExportedVAE, batch: int = 1):

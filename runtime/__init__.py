@@ -4,14 +4,12 @@ from .models.dit import CausalAudioDiT, build_dit
 
 __all__ = [
     "AudioConfig",
-    "BatchedEngine",
     "CacheConfig",
     "CausalAudioDiT",
     "DiTConfig",
     "Engine",
     "EngineConfig",
     "SamplerConfig",
-    "ScheduledEngine",
     "VAEConfig",
     "VideoBlock",
     "build_dit",
@@ -23,10 +21,4 @@ def __getattr__(name):
     if name in ("Engine", "VideoBlock"):
         from . import engine
         return getattr(engine, name)
-    if name == "ScheduledEngine":
-        from .scheduled import ScheduledEngine
-        return ScheduledEngine
-    if name == "BatchedEngine":
-        from .batched import BatchedEngine
-        return BatchedEngine
     raise AttributeError(name)

@@ -58,6 +58,8 @@ import torch.distributed as dist
 
 from .config import PRESETS, EngineConfig
 from .engine import BlockWork, Engine, VideoBlock, check_quantize, frames_uint8
+from .families import Row
+from .families.livetalk import LiveTalk
 from .sampler import BlockInputs
 from .session import plan_block
 
@@ -414,13 +416,17 @@ class _FrontEngine(Engine):
     rank_ctx: _Rank | None = None
     stream_index: int = 0
 
-    def _run_block(self, s) -> BlockWork:  # type: ignore[override]
-        ctx, i = self.rank_ctx, self.stream_index
+    def _plan_row(self, session) -> Row:  # type: ignore[override]
+        ctx, i, s = self.rank_ctx, self.stream_index, session.state
         with ctx.stage("begin", i, s.block):
             w = self.begin_block(s)  # also copies the samples the block covers (w.audio)
         with ctx.stage("audio", i, w.index):
             self.stage_audio(s, w)
-        return w
+        return Row(session.slot, s, w)
+
+    def _submit(self, rows, batch) -> None:  # type: ignore[override]
+        for row in rows:  # handed to the pipeline, in place of the finished block
+            self._slots[row.slot].outbox.append(row.work)
 
 
 class _StreamFeed:
@@ -756,15 +762,16 @@ def _build_engines(job: _Job, device: torch.device, count: int) -> list[_FrontEn
     """Identical weights on every rank (seeded random or the same files); sessions share them."""
     dtype = getattr(torch, job.dtype) if job.dtype else None
     if isinstance(job.model, EngineConfig):
-        base = _FrontEngine.random(job.model, device, dtype, job.ops_backend, job.weights_seed)
+        base = _FrontEngine.random(job.model, device, dtype, job.ops_backend, job.weights_seed, max_sessions=1)
     else:
         # Streams carry prompt embeddings, never text: no rank needs the 11 GB text encoder.
         base = _FrontEngine.from_pretrained(job.model, device, dtype, job.ops_backend, job.weights_seed,
-                                            text_encoder=False)
+                                            text_encoder=False, max_sessions=1)
     if job.quantize:
         base.quantize(job.quantize)          # deterministic from the weights: the same on every rank
-    more = [_FrontEngine(base.config, base.dit, base.vae, base.audio_encoder, device=base.device, dtype=base.dtype,
-                         backend=job.ops_backend) for _ in range(count - 1)]
+    more = [_FrontEngine(LiveTalk(base.config, base.dit, base.vae, base.audio_encoder, device=base.device,
+                                  dtype=base.dtype, backend=job.ops_backend, max_sessions=1))
+            for _ in range(count - 1)]
     return [base, *more]
 
 

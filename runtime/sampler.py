@@ -20,13 +20,17 @@ class BlockInputs:
     noise: torch.Tensor              # [steps, B, C, F, h, w] fp32: noise[0] starts the block, noise[i] re-noises step i
     cond: torch.Tensor               # [B, C + 1, F, h, w] model dtype: reference latent repeated | mask
     audio: torch.Tensor              # [B, F, A, dim] from CausalAudioDiT.audio_cond
-    ref_latent: torch.Tensor | None  # [B, C, 1, h, w] fp32 in block 0, else None
+    ref_latent: torch.Tensor | None  # [B, C, 1, h, w] fp32 when a row is at block 0, else None
+    # [B, 1, 1, 1, 1] bool: the rows pinned to ref_latent (rows of a batch sit at different blocks);
+    # None pins every row
+    pin: torch.Tensor | None = None
 
 
-def pin_reference(x: torch.Tensor, ref_latent: torch.Tensor | None) -> torch.Tensor:
+def pin_reference(x: torch.Tensor, ref_latent: torch.Tensor | None, pin: torch.Tensor | None = None) -> torch.Tensor:
     if ref_latent is None:
         return x
-    return torch.cat([ref_latent, x[:, :, 1:]], dim=2)
+    first = ref_latent if pin is None else torch.where(pin, ref_latent, x[:, :, :1])
+    return torch.cat([first, x[:, :, 1:]], dim=2)
 
 
 def model_input(x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
@@ -37,11 +41,11 @@ def denoise_step(dit: CausalAudioDiT, ops: type[Ops], inputs: BlockInputs, x: to
                  mod: TimeMod, sigmas: tuple[float, ...], text_kv, ring_k: torch.Tensor, ring_v: torch.Tensor,
                  plan: BlockPlan) -> torch.Tensor:
     """Step `step` of a block: x_t -> x_t' (the next step's input) or, after the last step, x0."""
-    x = pin_reference(x, inputs.ref_latent)
+    x = pin_reference(x, inputs.ref_latent, inputs.pin)
     v = dit.forward_block(model_input(x, inputs), mod, inputs.audio, text_kv, ring_k, ring_v, plan, ops)
     x0 = x - sigmas[step] * v.float()
     if step + 1 == len(sigmas):
-        return pin_reference(x0, inputs.ref_latent)
+        return pin_reference(x0, inputs.ref_latent, inputs.pin)
     return (1 - sigmas[step + 1]) * x0 + sigmas[step + 1] * inputs.noise[step + 1]
 
 

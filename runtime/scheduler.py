@@ -1,32 +1,29 @@
-"""Python face of the per-block stage scheduler (C++ core: ``csrc/``, extension ``runtime._scheduler``).
+"""Round plans for the C++ scheduler (C++ core: ``csrc/``, extension ``runtime._scheduler``).
 
-A block's work is a small DAG of stages (denoising steps, KV refresh, VAE decode). Each stage runs
-on a lane: a worker thread (``backend="host"``) or a CUDA stream (``backend="cuda"``). Stages of
-one lane run in submission order; dependencies are ``(stage, block_offset)`` pairs, so block b+1
-can start denoising while block b still decodes on another lane::
+A round is the work of one engine step (the next block of every batched session) as a list of
+``Task``s: each names a lane, its dependencies (earlier tasks of the round, or tasks of earlier
+rounds) and a failure group (a session). ``RoundRunner.submit`` hands the whole round to C++ as one
+plan and returns at once; the lanes run it with the GIL released::
 
-    stages = [
-        Stage("step0", step0, lane="denoise", deps=[prev("refresh")]),
-        Stage("step1", step1, lane="denoise", deps=["step0"]),
-        Stage("refresh", refresh, lane="denoise", deps=["step1"]),
-        Stage("decode", decode, lane="decode", deps=["step1", prev("decode")]),
-    ]
-    with Scheduler(stages) as sched:
-        handles = [sched.submit_block(b, inputs) for b, inputs in enumerate(blocks)]
-        results = [sched.wait(h) for h in handles]   # {stage name: returned value}
+    with RoundRunner("auto") as runner:
+        r0 = runner.submit([Task("step0", "compute", graph=g0, group=s),
+                            Task("decode", "decode", fn=decode, deps=(0,), group=s)])
+        r1 = runner.submit([Task("step0", "compute", graph=g0, deps=((r0, 0),), group=s)])
+        failed = r0.wait()        # {group: StageError}; never raises for a stage fault
 
-A stage callable is called as ``fn(block_index, inputs, stream)``: ``inputs`` is what was given
-to ``submit_block``, ``stream`` is the lane's ``cudaStream_t`` as an int (``None`` on the host
-backend). On the CUDA backend a stage may instead be a CUDA graph exec (a ``torch.cuda.CUDAGraph``
-or a raw ``cudaGraphExec_t`` int), launched on the lane stream with no Python in the way.
-See ``docs/scheduler.md``.
+Backends: "host" (C++ lane threads running ``Task.fn``), "cuda" (C++ lane threads launching graph
+execs on one CUDA stream per lane, events between lanes), "torch" (the same contract in Python over
+torch streams and events: the fallback), "auto". See docs/scheduler.md.
 """
 from __future__ import annotations
 
 import atexit
+import collections
 import dataclasses
+import logging
+import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 try:
@@ -37,22 +34,24 @@ except ImportError as _err:  # the C++ extension is not built (pip install -e . 
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["Cancelled", "Plan", "Scheduler", "Stage", "StageError", "compiled_backends",
-           "extension_available", "on_stream", "plan", "prev"]
+__all__ = ["BackendChoice", "Cancelled", "CudaContextError", "RoundHandle", "RoundRunner", "StageError",
+           "Task", "compiled_backends", "extension_available", "select_backend"]
 
-Dep = str | tuple[str, int]
-Lane = str | int
+log = logging.getLogger(__name__)
 
 if _ext is not None:
     StageError = _ext.StageError
     Cancelled = _ext.Cancelled
+    CudaContextError = _ext.CudaContextError
 else:
     class StageError(RuntimeError):
-        """A stage raised: ``.stage``/``.block`` say where, ``.waited_block`` which block was waited
-        on, ``__cause__`` is the original exception."""
+        """A task failed: ``.stage``/``.block``/``.group`` say where, ``__cause__`` is the original."""
 
-    class Cancelled(RuntimeError):
-        """The block was cancelled (``cancel()``/``reset()``) before it completed."""
+    class Cancelled(StageError):
+        """The task's group was cancelled (or the runner closed) before the task started."""
+
+    class CudaContextError(StageError):
+        """A sticky device fault poisoned the CUDA context: the process can run no more GPU work."""
 
 
 def extension_available() -> bool:
@@ -64,199 +63,222 @@ def compiled_backends() -> tuple[str, ...]:
     return tuple(_ext.compiled_backends) if _ext is not None else ()
 
 
-def prev(stage: str, blocks: int = 1) -> tuple[str, int]:
-    """A dependency on ``stage`` of the block ``blocks`` earlier (e.g. step0 after the previous refresh)."""
-    if blocks < 1:
-        raise ValueError(f"prev({stage!r}, {blocks}): blocks must be >= 1")
-    return (stage, -blocks)
-
-
 @dataclasses.dataclass(frozen=True)
-class Stage:
-    """One node of the per-block DAG.
+class Task:
+    """One node of a round plan (contract B in the project's interface notes).
 
-    fn: ``fn(block_index, inputs, stream) -> result`` (results of not-None are returned by
-        ``wait``), or on the CUDA backend a ``torch.cuda.CUDAGraph`` / ``cudaGraphExec_t`` int.
-    lane: the worker thread / CUDA stream it runs on (any hashable name or int).
-    deps: stage names of the same block, or ``(name, offset)`` with offset <= 0 (see ``prev``).
+    fn: eager body (host backend, torch fallback, or a stage that was not captured); on the cuda
+        backend it runs on the lane thread with the GIL and the lane stream current.
+    graph: ``torch.cuda.CUDAGraph`` or a raw ``cudaGraphExec_t`` int, launched by C++.
+    deps: ints (earlier tasks of this round) or ``(RoundHandle, int)`` (a task of an earlier round).
+    group: failure domain; a failed task skips its dependents (transitively) and the later tasks of
+        its group in this round. block: the block index, for error messages.
     """
 
     name: str
-    fn: Any
-    lane: Lane = 0
-    deps: Sequence[Dep] = ()
+    lane: str
+    fn: Callable[[], None] | None = None
+    graph: Any = None
+    deps: tuple = ()
+    group: Hashable = None
+    block: int = -1
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Task.name must be a non-empty str, got {self.name!r}")
+        if self.fn is None and self.graph is None:
+            raise ValueError(f"task {self.name!r} has neither fn nor graph")
+        if self.fn is not None and not callable(self.fn):
+            raise TypeError(f"task {self.name!r}: fn must be callable, got {type(self.fn).__name__}")
+        if not isinstance(self.deps, (tuple, list)):
+            raise TypeError(f"task {self.name!r}: deps must be a tuple, got {type(self.deps).__name__}")
 
 
-def _dep_pair(stage: str, dep: Dep) -> tuple[str, int]:
-    if isinstance(dep, str):
-        return (dep, 0)
-    if isinstance(dep, tuple) and len(dep) == 2 and isinstance(dep[0], str) and isinstance(dep[1], int):
-        return (dep[0], int(dep[1]))
-    raise TypeError(f"stage {stage!r}: a dependency is a stage name or (name, block_offset), got {dep!r}")
-
-
-def _lane_ids(stages: Sequence[Stage], lanes: int | Sequence[Lane] | None) -> tuple[list[int], list[Lane]]:
-    """Maps stage lanes to 0..n-1; returns (lane id per stage, lane names)."""
-    if lanes is None:
-        names = list(dict.fromkeys(s.lane for s in stages))
-    elif isinstance(lanes, int):
-        if lanes < 1:
-            raise ValueError(f"lanes must be >= 1, got {lanes}")
-        names = list(range(lanes))
-    else:
-        names = list(lanes)
-        if len(set(names)) != len(names):
-            raise ValueError(f"duplicate lane names in {names!r}")
-    index = {name: i for i, name in enumerate(names)}
-    unknown = [f"{s.name!r} (lane {s.lane!r})" for s in stages if s.lane not in index]
-    if unknown:
-        raise ValueError(f"stages on unknown lanes: {', '.join(unknown)}; lanes are {names!r}")
-    return [index[s.lane] for s in stages], names
-
-
-def _specs(stages: Sequence[Stage], lane_ids: list[int]) -> list[tuple[str, int, list[tuple[str, int]]]]:
-    for s in stages:
-        if not isinstance(s, Stage):
-            raise TypeError(f"expected Stage, got {type(s).__name__}")
-        if isinstance(s.deps, (str, bytes)):
-            raise TypeError(f"stage {s.name!r}: deps must be a sequence of dependencies, "
-                            f"got the string {s.deps!r}")
-    return [(s.name, lane, [_dep_pair(s.name, d) for d in s.deps]) for s, lane in zip(stages, lane_ids)]
-
-
-def _require_ext() -> Any:
-    if _ext is None:
-        raise ImportError(
-            "runtime._scheduler is not built: run `pip install --no-deps --no-build-isolation -e .` "
-            f"in the repository ({_IMPORT_ERROR})"
-        )
-    return _ext
+# ---------------------------------------------------------------- backend choice
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
-    """A validated stage graph: launch order (a topological order keeping declaration order where
-    possible), lanes per stage, and ``history`` = how many earlier blocks a block depends on."""
+class Capabilities:
+    """What the machine offers: the probe ``select_backend`` decides on (injectable for tests)."""
 
-    launch_order: tuple[str, ...]
-    lanes: tuple[Lane, ...]
-    deps: tuple[tuple[tuple[str, int], ...], ...]
-    history: int
-
-
-def _plan_from_ext(p: Any, lane_names: list[Lane]) -> Plan:
-    return Plan(tuple(p.launch_order), tuple(lane_names[i] for i in p.lanes),
-                tuple(tuple(d) for d in p.deps), p.history)
+    extension: bool        # runtime._scheduler imports
+    cuda_compiled: bool    # ... and has the cuda backend
+    gpu: bool              # torch sees a CUDA device
+    driver_error: str | None = None  # why the extension's CUDA runtime cannot use the driver
 
 
-def plan(stages: Sequence[Stage], lanes: int | Sequence[Lane] | None = None) -> Plan:
-    """Validate a stage graph without starting anything; ``ValueError`` names the problem."""
-    lane_ids, names = _lane_ids(stages, lanes)
-    return _plan_from_ext(_require_ext().make_plan(_specs(stages, lane_ids), len(names)), names)
+@dataclasses.dataclass(frozen=True)
+class BackendChoice:
+    backend: str
+    reason: str | None  # why "auto" did not pick cuda (None when it did, or a backend was named)
 
 
-def _work(stage: Stage, backend: str, keepalive: list) -> Any:
-    fn = stage.fn
-    if hasattr(fn, "raw_cuda_graph_exec"):  # torch.cuda.CUDAGraph: launched raw, kept alive here
-        if backend != "cuda":
-            raise ValueError(f"stage {stage.name!r}: CUDA graphs need backend='cuda'")
-        keepalive.append(fn)
-        return int(fn.raw_cuda_graph_exec())
-    if isinstance(fn, int) and not isinstance(fn, bool):
-        if backend != "cuda":
-            raise ValueError(f"stage {stage.name!r}: a cudaGraphExec_t handle needs backend='cuda'")
-        return fn
-    if not callable(fn):
-        raise TypeError(f"stage {stage.name!r}: fn must be callable or a CUDA graph, got {type(fn).__name__}")
-    return fn
+def probe_capabilities() -> Capabilities:
+    import torch
+
+    gpu = torch.cuda.is_available()
+    cuda_compiled = "cuda" in compiled_backends()
+    driver_error = None
+    if gpu and cuda_compiled:
+        try:  # a runner creates streams: the cheapest proof that this cudart runs on the driver
+            _ext.RoundExecutor("cuda", 1, -1, []).close()
+        except Exception as err:  # noqa: BLE001 - any failure means: do not use it
+            driver_error = str(err)
+    return Capabilities(_ext is not None, cuda_compiled, gpu, driver_error)
 
 
-# Schedulers still open at exit are closed while the interpreter is whole: a lane worker that
-# asked for the GIL during interpreter teardown would be killed mid-stage.
+def select_backend(requested: str = "auto", probe: Callable[[], Capabilities] = probe_capabilities,
+                   device=None) -> BackendChoice:
+    """Resolve ``requested`` to a backend; "auto" prefers cuda, then torch on a GPU, then host
+    (host at once for an explicit CPU ``device``: an engine on the CPU runs eager bodies)."""
+    if requested not in ("auto", "host", "cuda", "torch"):
+        raise ValueError(f"unknown backend {requested!r}: expected 'auto', 'host', 'cuda' or 'torch'")
+    if requested != "auto":
+        return BackendChoice(requested, None)
+    if _device_type(device) == "cpu" and _ext is not None:
+        return BackendChoice("host", "round runner: the device is the CPU, using the C++ host backend")
+    caps = probe()
+    if caps.gpu:
+        if caps.cuda_compiled and caps.driver_error is None:
+            return BackendChoice("cuda", None)
+        if not caps.extension:
+            why = f"the C++ extension is not built ({_IMPORT_ERROR})"
+        elif not caps.cuda_compiled:
+            why = "the extension was built without the CUDA toolkit"
+        else:
+            why = f"the extension's CUDA runtime cannot use this driver ({caps.driver_error})"
+        return BackendChoice("torch", f"round runner: using torch streams, not the C++ cuda backend: {why}")
+    if caps.extension:
+        return BackendChoice("host", "round runner: no CUDA device, using the C++ host backend")
+    return BackendChoice("torch", f"round runner: no CUDA device and no C++ extension ({_IMPORT_ERROR}); "
+                                  "using Python lane threads")
+
+
+# ---------------------------------------------------------------- rounds
+
+
+def _make_error(group, stage, block, kind, message, cause) -> StageError:
+    cls = {"raised": StageError, "cancelled": Cancelled, "device": CudaContextError}[kind]
+    what = f"{type(cause).__name__}: {cause}" if cause is not None else message
+    err = cls(f"stage '{stage}' of block {block} failed: {what}" if kind == "raised"
+              else f"stage '{stage}' of block {block}: {what}")
+    err.stage, err.block, err.group = stage, block, group
+    err.__cause__ = cause if cause is not None else RuntimeError(message)
+    return err
+
+
+class RoundHandle:
+    """A submitted round: ``wait()`` for it; ``failed`` once ``done()``."""
+
+    def __init__(self, runner: RoundRunner, core_round: Any, groups: dict[int, Hashable], ntasks: int):
+        self._runner = runner
+        self._round = core_round
+        self._groups = groups  # group id -> group, for the failures
+        self._ntasks = ntasks
+        self._failed: dict[Hashable, StageError] | None = None
+
+    def done(self) -> bool:
+        return self._failed is not None or self._runner._exec.done(self._round)
+
+    def wait(self, timeout: float | None = None) -> dict[Hashable, StageError]:
+        """Blocks until every task finished or was skipped; returns the failed groups.
+
+        ``TimeoutError`` after ``timeout`` seconds (the round keeps running)."""
+        if self._failed is None:
+            rows = self._runner._exec.wait(self._round, timeout)
+            self._failed = {self._groups[gid]: _make_error(self._groups[gid], *rest) for gid, *rest in rows}
+        return self._failed
+
+    @property
+    def failed(self) -> dict[Hashable, StageError]:
+        if not self.done():
+            raise RuntimeError("RoundHandle.failed is valid once done(): the round is still running")
+        return self.wait()
+
+
+# Runners still open at exit are closed while the interpreter is whole: a lane thread asking for
+# the GIL during interpreter teardown would be killed mid-task.
 _OPEN: weakref.WeakSet = weakref.WeakSet()
 
 
 @atexit.register
-def _close_open_schedulers() -> None:
-    for sched in list(_OPEN):
-        sched.close()
+def _close_open_runners() -> None:
+    for runner in list(_OPEN):
+        runner.close()
 
 
-def _stream_handle(s: Any) -> int:
-    return int(getattr(s, "cuda_stream", s))  # torch.cuda.Stream or a raw int
+class RoundRunner:
+    """Runs round plans on lanes: one worker thread (host) or CUDA stream (cuda, torch) per lane.
 
-
-class Scheduler:
-    """Runs the stage DAG for each submitted block on host threads or CUDA streams.
-
-    backend: "host" (one worker thread per lane) or "cuda" (one stream per lane).
-    lanes: None (the stages' lanes, in order of appearance), a count, or a sequence of lane names.
-    device: CUDA device ordinal (cuda backend; default the current device).
-    streams: existing streams for the lanes, one per lane (torch.cuda.Stream or int handles);
-        by default the cuda backend creates its own non-blocking streams.
+    Rounds submitted later run after earlier ones on the same lane; cross-lane ordering is only
+    what ``deps`` say. ``streams``: existing streams for the lanes (cuda backend; ints or
+    ``torch.cuda.Stream``). ``probe``: capability probe for "auto" (tests inject one).
     """
 
-    def __init__(self, stages: Sequence[Stage], backend: str = "host",
-                 lanes: int | Sequence[Lane] | None = None, *, device: int | None = None,
-                 streams: Sequence[Any] | None = None):
-        ext = _require_ext()
-        if backend not in ("host", "cuda"):
-            raise ValueError(f"unknown backend {backend!r}: expected 'host' or 'cuda'")
-        if backend not in ext.compiled_backends:
-            raise ValueError(f"backend {backend!r} was not compiled into this build "
-                             f"(compiled: {', '.join(ext.compiled_backends)})")
-        stages = list(stages)
-        lane_ids, self._lane_names = _lane_ids(stages, lanes)
-        self._keepalive: list = []  # CUDA graphs whose execs the core launches
-        works = [_work(s, backend, self._keepalive) for s in stages]
-        handles = [_stream_handle(s) for s in streams] if streams is not None else []
-        self._core = ext.Scheduler(backend, _specs(stages, lane_ids), works, len(self._lane_names),
-                                   -1 if device is None else int(device), handles)
-        self._plan = _plan_from_ext(self._core.plan, self._lane_names)
+    def __init__(self, backend: str = "auto", device=None, lanes: Sequence[str] = ("compute", "decode", "copy"),
+                 *, streams: Sequence[Any] | None = None, probe: Callable[[], Capabilities] | None = None):
+        choice = select_backend(backend, probe or probe_capabilities, device)
+        if choice.reason:
+            log.info(choice.reason)
+        self.backend, self.fallback_reason = choice.backend, choice.reason
+        self.lanes = tuple(lanes)
+        if not self.lanes or len(set(self.lanes)) != len(self.lanes):
+            raise ValueError(f"lanes must be distinct names, at least one: got {self.lanes!r}")
+        self._lane_index = {name: i for i, name in enumerate(self.lanes)}
+        self._device = _device_index(device)
+        self._exec = self._make_executor(device, streams)
+        self._group_ids: dict[Hashable, int] = {}
+        self._next_gid = 0
+        # Weak: a handle the caller dropped counts as finished here (its group ids may be
+        # recycled, so cancel() no longer reaches it); holding it would pin the round's objects.
+        self._inflight: collections.deque[weakref.ref] = collections.deque()
+        self._streams: dict[int, Any] = {}
+        self._lock = threading.Lock()  # submit/cancel from several threads: one round order, one id map
         _OPEN.add(self)
 
-    @property
-    def backend(self) -> str:
-        return self._core.backend
+    def _make_executor(self, device, streams) -> Any:
+        handles = [int(getattr(s, "cuda_stream", s)) for s in streams] if streams is not None else []
+        if self.backend == "torch":
+            from .scheduler_torch import TorchExecutor
+
+            return TorchExecutor(len(self.lanes), device, streams)
+        if _ext is None:
+            raise ImportError("runtime._scheduler is not built: run `pip install --no-deps -e .` "
+                              f"in the repository ({_IMPORT_ERROR})")
+        if self.backend not in _ext.compiled_backends:
+            raise ValueError(f"backend {self.backend!r} was not compiled into this build "
+                             f"(compiled: {', '.join(_ext.compiled_backends)})")
+        return _ext.RoundExecutor(self.backend, len(self.lanes), self._device, handles)
 
     @property
-    def plan(self) -> Plan:
-        return self._plan
+    def poisoned(self) -> bool:
+        """True once a sticky device fault poisoned the CUDA context (every later submit raises)."""
+        return self._exec.poisoned
 
-    @property
-    def lanes(self) -> tuple[Lane, ...]:
-        return tuple(self._lane_names)
+    def submit(self, tasks: Sequence[Task]) -> RoundHandle:
+        """Hand a round to the lanes; returns at once (the GIL is released while it runs).
+        Safe from several threads: each round is one submission, in one lane order."""
+        with self._lock:
+            self._forget_finished()
+            keep: list = []  # what the plan references (graphs); not the Tasks: their deps chain rounds
+            groups: dict[int, Hashable] = {}
+            specs = [self._spec(i, t, keep, groups) for i, t in enumerate(tasks)]
+            handle = RoundHandle(self, self._exec.submit(specs, keep), groups, len(specs))
+            self._inflight.append(weakref.ref(handle))
+        return handle
 
-    def submit_block(self, block_index: int, inputs: Any = None):
-        """Queue (host) or launch (cuda) every stage of a block; returns a handle at once.
-
-        Block indices must increase (``reset()`` starts over). Raises ``Cancelled`` after
-        ``cancel()`` until ``reset()``."""
-        return self._core.submit(int(block_index), inputs)
-
-    def wait(self, handle, timeout: float | None = None) -> dict[str, Any]:
-        """Wait for a block; returns ``{stage name: result}`` for stages that returned non-None.
-
-        Raises ``StageError`` (stage, block, original exception as ``__cause__``) when the block
-        or a block it depends on failed, ``Cancelled`` when ``cancel()`` came first, and
-        ``TimeoutError`` after ``timeout`` seconds (the block keeps running)."""
-        return self._core.wait(handle, timeout)
-
-    def done(self, handle) -> bool:
-        """True when ``wait(handle)`` would not block."""
-        return self._core.done(handle)
-
-    def cancel(self) -> None:
-        """Stop launching stages; running stages finish; pending and future waits raise ``Cancelled``."""
-        self._core.cancel()
-
-    def reset(self) -> None:
-        """Cancel, wait for running stages, forget every block: the scheduler is ready for a new session."""
-        self._core.reset()
+    def cancel(self, group: Hashable) -> None:
+        """Tasks of ``group`` in rounds submitted so far that have not started will not run
+        (the group is reported as ``Cancelled``); later rounds of that group run normally."""
+        with self._lock:
+            gid = self._group_ids.get(group)
+        if gid is not None:
+            self._exec.cancel(gid)
 
     def close(self) -> None:
-        """Cancel and stop the lane workers / release the streams. Idempotent."""
-        self._core.close()
+        """Cancel queued tasks, join the lanes, release the streams. Idempotent."""
+        _OPEN.discard(self)
+        self._exec.close()
 
     def __enter__(self):
         return self
@@ -264,19 +286,111 @@ class Scheduler:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # ------------------------------------------------------------ plan conversion
 
-def on_stream(fn: Callable[[int, Any], Any]) -> Callable[[int, Any, int | None], Any]:
-    """Adapts ``fn(block_index, inputs)`` into a stage that runs with the lane's CUDA stream made
-    torch's current stream (eager fallback for a stage that could not be captured as a graph).
-    On the host backend (stream None) it just calls ``fn``."""
+    def _spec(self, i: int, task: Task, keep: list, groups: dict[int, Hashable]) -> tuple:
+        if not isinstance(task, Task):
+            raise TypeError(f"round item #{i}: expected Task, got {type(task).__name__}")
+        lane = self._lane_index.get(task.lane)
+        if lane is None:
+            raise ValueError(f"task #{i} {task.name!r} is on unknown lane {task.lane!r}; lanes are {self.lanes!r}")
+        deps, external = self._deps(i, task)
+        gid = self._group_ids.get(task.group)
+        if gid is None:
+            gid = self._group_ids[task.group] = self._next_gid
+            self._next_gid += 1
+        groups[gid] = task.group
+        fn, graph = self._work(task, keep)
+        return (task.name, lane, gid, int(task.block), deps, external, fn, graph)
 
-    def stage(block_index: int, inputs: Any, stream: int | None) -> Any:
-        if stream is None:
-            return fn(block_index, inputs)
-        import torch
+    def _deps(self, i: int, task: Task) -> tuple[list[int], list[tuple[Any, int]]]:
+        deps, external = [], []
+        for d in task.deps:
+            if isinstance(d, int) and not isinstance(d, bool):
+                if not 0 <= d < i:
+                    raise ValueError(f"task #{i} {task.name!r} depends on task {d}: a dependency must be an "
+                                     "earlier task of the round (or (RoundHandle, index) for an earlier round)")
+                deps.append(d)
+            elif isinstance(d, tuple) and len(d) == 2 and isinstance(d[0], RoundHandle) and isinstance(d[1], int):
+                if d[0]._runner is not self:
+                    raise ValueError(f"task #{i} {task.name!r} depends on a round of another RoundRunner")
+                if not 0 <= d[1] < d[0]._ntasks:
+                    raise ValueError(f"task #{i} {task.name!r} depends on task {d[1]} of an earlier round, "
+                                     f"which has {d[0]._ntasks} tasks")
+                external.append((d[0]._round, d[1]))
+            else:
+                raise TypeError(f"task #{i} {task.name!r}: a dependency is an int or (RoundHandle, int), got {d!r}")
+        return deps, external
 
-        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            return fn(block_index, inputs)
+    def _work(self, task: Task, keep: list) -> tuple[Callable | None, int]:
+        graph = task.graph
+        if self.backend == "cuda" and graph is not None:
+            if hasattr(graph, "raw_cuda_graph_exec"):
+                keep.append(graph)  # the exec lives as long as the graph object
+                return None, int(graph.raw_cuda_graph_exec())
+            if isinstance(graph, int) and not isinstance(graph, bool) and graph != 0:
+                return None, graph
+            raise TypeError(f"task {task.name!r}: graph must be a torch.cuda.CUDAGraph or a cudaGraphExec_t int")
+        fn = task.fn
+        if fn is None and self.backend == "torch" and hasattr(graph, "replay"):
+            fn = graph.replay
+        if fn is None:
+            raise ValueError(f"task {task.name!r} has only a graph, which the {self.backend} backend cannot run: "
+                             "give Task.fn (the eager body) too")
+        return self._lane_call(fn), 0
 
-    stage.__name__ = getattr(fn, "__name__", "stage")
-    return stage
+    def _lane_call(self, fn: Callable) -> Callable[[int | None], None]:
+        if getattr(fn, "wants_stream", False):  # the per-block Scheduler's stages take the stream
+            return fn
+        if self.backend != "cuda":
+            return lambda stream: fn()
+        streams, device = self._streams, (self._device if self._device >= 0 else None)
+
+        def on_lane_stream(stream: int | None) -> None:
+            import torch
+
+            s = streams.get(stream)
+            if s is None:
+                s = streams[stream] = torch.cuda.ExternalStream(stream, device=device)
+            with torch.cuda.stream(s):
+                fn()
+
+        return on_lane_stream
+
+    def _forget_finished(self) -> None:
+        """Drops finished rounds from the in-flight list and, now and then, the group ids no
+        in-flight round uses (cancel ids only matter for rounds still running)."""
+        def finished(ref: weakref.ref) -> bool:
+            h = ref()
+            return h is None or h.done()
+
+        while self._inflight and finished(self._inflight[0]):
+            self._inflight.popleft()
+        if len(self._group_ids) > 64 + 4 * len(self._inflight):
+            live = {g for ref in self._inflight if (h := ref()) is not None for g in h._groups.values()}
+            self._group_ids = {g: gid for g, gid in self._group_ids.items() if g in live}
+
+
+def _device_type(device) -> str | None:
+    if device is None:
+        return None
+    if isinstance(device, int):
+        return "cuda"
+    return getattr(device, "type", None) or str(device).split(":")[0]
+
+
+def _device_index(device) -> int:
+    if device is None:
+        return -1
+    if isinstance(device, int):
+        return device
+    index = getattr(device, "index", None)
+    if index is None and isinstance(device, str):
+        index = int(device.split(":")[1]) if ":" in device else None
+    return -1 if index is None else int(index)
+
+
+# The per-block stage API, a thin layer over RoundRunner (used by runtime/scheduled.py).
+from .scheduler_blocks import Plan, Scheduler, Stage, on_stream, plan, prev
+
+__all__ += ["Plan", "Scheduler", "Stage", "on_stream", "plan", "prev"]

@@ -17,6 +17,7 @@ int g_device_count = 1;
 int g_live_events = 0;
 int g_live_streams = 0;
 thread_local int t_device = 0;
+SimCounts g_counts;
 
 struct SimEvent {
   uint64_t recorded = 0;   // records enqueued so far
@@ -88,6 +89,15 @@ void sim_clear_sticky_error() {
   g_sticky = cudaSuccess;
 }
 
+SimCounts sim_counts() {
+  std::lock_guard<std::mutex> lk(g_mu);
+  return g_counts;
+}
+void sim_reset_counts() {
+  std::lock_guard<std::mutex> lk(g_mu);
+  g_counts = SimCounts();
+}
+
 extern "C" {
 
 cudaError_t cudaGetDeviceCount(int* count) {
@@ -107,7 +117,10 @@ cudaError_t cudaRuntimeGetVersion(int* version) {
   *version = 13000;
   return cudaSuccess;
 }
-const char* cudaGetErrorName(cudaError_t err) { return err == cudaSuccess ? "cudaSuccess" : "cudaErrorSim"; }
+const char* cudaGetErrorName(cudaError_t err) {
+  if (err == cudaSuccess) return "cudaSuccess";
+  return err == cudaErrorIllegalAddress ? "cudaErrorIllegalAddress" : "cudaErrorSim";
+}
 const char* cudaGetErrorString(cudaError_t err) { return err == cudaSuccess ? "no error" : "simulated error"; }
 
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int) {
@@ -137,9 +150,15 @@ cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
   g_cv.wait(lk, [&] { return s->ops.empty() && !s->busy; });
   return g_sticky;
 }
+cudaError_t cudaStreamQuery(cudaStream_t stream) {
+  std::lock_guard<std::mutex> lk(g_mu);
+  if (g_sticky != cudaSuccess) return g_sticky;
+  return as_stream(stream)->ops.empty() && !as_stream(stream)->busy ? cudaSuccess : cudaErrorNotReady;
+}
 cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int) {
   std::lock_guard<std::mutex> lk(g_mu);
   if (g_sticky != cudaSuccess) return g_sticky;
+  ++g_counts.stream_waits;
   if (as_event(event)->recorded > 0) push(stream, Op{Op::Wait, as_event(event), as_event(event)->recorded, {}});
   return cudaSuccess;
 }
@@ -159,6 +178,7 @@ cudaError_t cudaEventDestroy(cudaEvent_t event) {
 cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
   std::lock_guard<std::mutex> lk(g_mu);
   if (g_sticky != cudaSuccess) return g_sticky;
+  ++g_counts.event_records;
   push(stream, Op{Op::Record, as_event(event), ++as_event(event)->recorded, {}});
   return cudaSuccess;
 }
@@ -177,6 +197,7 @@ cudaError_t cudaEventSynchronize(cudaEvent_t event) {
 cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
   std::lock_guard<std::mutex> lk(g_mu);
   if (g_sticky != cudaSuccess) return g_sticky;
+  ++g_counts.graph_launches;
   SimGraph* graph = reinterpret_cast<SimGraph*>(exec);
   push(stream, Op{Op::Run, nullptr, 0, [graph] { return graph->body(); }});
   return cudaSuccess;

@@ -21,3 +21,12 @@ void sim_set_device_count(int count);
 int sim_live_events();
 int sim_live_streams();
 void sim_clear_sticky_error();
+
+// What the code under test asked of the runtime, counted (reset by sim_reset_counts).
+struct SimCounts {
+  int graph_launches = 0;
+  int stream_waits = 0;
+  int event_records = 0;
+};
+SimCounts sim_counts();
+void sim_reset_counts();

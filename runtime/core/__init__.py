@@ -1,0 +1,1 @@
+"""The family-independent engine core: sessions (`session.py`)."""
