@@ -49,8 +49,8 @@ def test_a_stalled_segment_gets_idle_frames_equal_to_the_engine(engine, image):
     video = [e for e in events if isinstance(e, VideoFrame)]
     assert [v.idle for v in video] == [False] * 5 + [True] * 16     # 0.3 s = 4.8 frames of speech
     assert events[-1] == PlaybackFinished(0, len(speech) / SR, interrupted=False)
-    engine.reset(image, seed=2)
-    blocks = engine.step(speech.astype(np.float32) / 32768) + engine.idle(2)
+    with engine.open(image, seed=2) as stream:
+        blocks = stream.step(speech.astype(np.float32) / 32768) + stream.idle(2)
     oracle = [f for b in blocks for f in b.frames]
     for v, expected in zip(video, oracle, strict=True):
         np.testing.assert_array_equal(v.rgb, expected)

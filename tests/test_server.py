@@ -43,11 +43,11 @@ def run(coro):
 
 def oracle_frames(engine, face, seed, idle_blocks, speech):
     """What the session's engine calls were: idle blocks, the padding dropped, the speech, its tail."""
-    engine.reset(face, seed=seed)
-    blocks = engine.idle(idle_blocks) if idle_blocks else []
-    if idle_blocks:
-        engine.interrupt()
-    blocks += engine.step(speech.astype(np.float32) / 32768) + engine.end_segment()
+    with engine.open(face, seed=seed) as stream:
+        blocks = stream.idle(idle_blocks) if idle_blocks else []
+        if idle_blocks:
+            stream.interrupt()
+        blocks += stream.step(speech.astype(np.float32) / 32768) + stream.end_segment()
     return [f for b in blocks for f in b.frames]
 
 
@@ -111,26 +111,29 @@ def test_fmp4_session_decodes_to_nonzero_frames(engine, face, tmp_path):
 
 def test_capacity_health_and_metrics(engine, face):
     async def go():
-        async with running(AvatarServer(engine, face, pace=False)) as url, ClientSession() as http:
-            async with http.ws_connect(f"{url}/ws") as first:
-                await first.send_json({"type": "start", "format": "raw"})
-                assert (await first.receive_json())["type"] == "ready"
-                await first.receive()                               # an idle frame: it is streaming
-                async with http.ws_connect(f"{url}/ws") as second:
-                    await second.send_json({"type": "start"})
-                    refusal = await second.receive_json()
-                    await second.receive()
-                    close_code = second.close_code
-                health = await (await http.get(f"{url}/health")).json()
-                metrics = await (await http.get(f"{url}/metrics")).text()
-                await first.send_json({"type": "stop"})
+        async with running(AvatarServer(engine, face, pace=False, max_sessions=2)) as url, ClientSession() as http:
+            served = [await http.ws_connect(f"{url}/ws") for _ in range(2)]
+            for ws in served:
+                await ws.send_json({"type": "start", "format": "raw"})
+                assert (await ws.receive_json())["type"] == "ready"
+                await ws.receive()                               # an idle frame: it is streaming
+            async with http.ws_connect(f"{url}/ws") as third:
+                await third.send_json({"type": "start"})
+                refusal = await third.receive_json()
+                await third.receive()
+                close_code = third.close_code
+            health = await (await http.get(f"{url}/health")).json()
+            metrics = await (await http.get(f"{url}/metrics")).text()
+            for ws in served:
+                await ws.send_json({"type": "stop"})
+                await ws.close()
             return refusal, close_code, health, metrics
 
     refusal, close_code, health, metrics = run(go())
-    assert refusal["code"] == "at_capacity" and "max_sessions=1" in refusal["message"]
+    assert refusal["code"] == "at_capacity" and "max_sessions=2" in refusal["message"]
     assert close_code == 1013
-    assert health["sessions"] == 1 and health["max_sessions"] == 1 and health["status"] == "ok"
-    assert "avatar_sessions 1\n" in metrics and "avatar_refused_total 1\n" in metrics
+    assert health["sessions"] == 2 and health["max_sessions"] == 2 and health["status"] == "ok"
+    assert "avatar_sessions 2\n" in metrics and "avatar_refused_total 1\n" in metrics
     assert 'avatar_block_latency_seconds{quantile="0.99"}' in metrics and "avatar_queue_depth_frames" in metrics
 
 
@@ -161,31 +164,31 @@ def test_bad_start_and_idle_timeout_get_clear_errors(engine, face):
     assert left == 0
 
 
-def test_a_failed_session_ends_alone_and_the_server_goes_on(engine, face, monkeypatch):
-    real_decode = engine.stage_decode
-    calls = {"n": 0}
+def test_a_failed_session_ends_alone_and_the_others_go_on(engine, face, monkeypatch):
+    """Two sessions at once; the first block 1 to be planned fails: that session gets session_failed,
+    the other plays its utterance to the end, and the server takes new sessions."""
+    real_audio = engine.family.stage_audio
+    failed = []
 
-    def decode(s, w):
-        calls["n"] += 1
-        if calls["n"] == 2:
+    def audio_stage(s, w):
+        if w.index == 1 and not failed:
+            failed.append(s)
             raise RuntimeError("CUDA out of memory (simulated)")
-        real_decode(s, w)
+        real_audio(s, w)
 
-    monkeypatch.setattr(engine, "stage_decode", decode)
+    monkeypatch.setattr(engine.family, "stage_audio", audio_stage)
 
     async def go():
         server = AvatarServer(engine, face, pace=False)
         async with running(server) as url, ClientSession() as http:
-            async with http.ws_connect(f"{url}/ws") as ws:
-                await ws.send_json({"type": "start", "format": "raw"})
-                failure = None
-                async for msg in ws:
-                    if msg.type == WSMsgType.TEXT and json.loads(msg.data)["type"] == "error":
-                        failure = json.loads(msg.data)
-            again = await stream_raw(url, pcm(0.5, seed=5))           # the next session is served
-            return failure, again, await (await http.get(f"{url}/metrics")).text()
+            both = await asyncio.gather(stream_raw(url, pcm(2.0, seed=5)), stream_raw(url, pcm(2.0, seed=6)))
+            again = await stream_raw(url, pcm(0.5, seed=7))
+            return both, again, await (await http.get(f"{url}/metrics")).text()
 
-    failure, again, metrics = run(go())
-    assert failure["code"] == "session_failed" and "out of memory" in failure["message"]
+    both, again, metrics = run(go())
+    kinds = sorted(out["acks"][0].get("code", out["acks"][0]["type"]) for out in both)
+    assert kinds == ["playback_finished", "session_failed"]
+    failure = next(out["acks"][0] for out in both if out["acks"][0]["type"] == "error")
+    assert "out of memory" in failure["message"]
     assert again["acks"][0]["type"] == "playback_finished" and again["frames"]
     assert "avatar_failed_total 1\n" in metrics

@@ -10,9 +10,13 @@ Timeline rules (why the calls are what they are):
   boundary instead of after a lookahead's worth of silence.
 
 The stream: an engine with `open()` (many sessions, contract A) gets a session of its own here, closed
-with the worker; an engine without it is the stream itself (`reset`).
+with the worker; an engine without it is the stream itself (`reset`). Every call that can complete a
+block is followed by `drain()`, so blocks come out in the call that completed them (the engine may
+pipeline them; sessions of other threads still share its rounds).
 """
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -75,7 +79,7 @@ class EngineDriver:
             n = min(len(samples) - pos, samples_to_run(self.cfg, self.next_block) - self.total)
             self.spans.add(segment, self.total, n)
             self.total += n
-            self._emit(self._call("Engine.step", self.stream.step, samples[pos:pos + n], self.rate), epoch)
+            self._emit(self._blocks("Engine.step", self.stream.step, samples[pos:pos + n], self.rate), epoch)
             pos += n
 
     def end_segment(self, segment: int, epoch: int) -> None:
@@ -108,14 +112,12 @@ class EngineDriver:
         for _ in range(count):
             if not self.buffer.wait_for_room(epoch):
                 return
-            self._emit(self._call("Engine.idle", self.stream.idle, 1), epoch)
+            self._emit(self._blocks("Engine.idle", self.stream.idle, 1), epoch)
             self.total = max(self.total, samples_to_run(self.cfg, self.next_block - 1))
             self.padding_queued = True
 
     def _emit(self, blocks, epoch: int) -> None:
         for block in blocks:
-            if self.on_block is not None:
-                self.on_block(block)
             self.next_block = block.index + 1
             self.buffer.put(self._items(block, epoch), epoch)
         self.spans.release_before(self.covered)
@@ -150,6 +152,19 @@ class EngineDriver:
             return np.zeros(0, np.float32)
         tail, self._resampler = self._resampler.flush(), None
         return tail
+
+    def _blocks(self, stage: str, fn, *args) -> list:
+        """A call that may complete a block, then `drain()`: an engine that pipelines blocks (contract A)
+        returns a block at a later call, and this timeline needs each block out before the next call."""
+        started = time.perf_counter()
+        blocks = self._call(stage, fn, *args)
+        drain = getattr(self.stream, "drain", None)
+        blocks = blocks + self._call("Engine.drain", drain) if drain is not None else blocks
+        if blocks and self.on_block is not None:
+            seconds = time.perf_counter() - started
+            for block in blocks:
+                self.on_block(block, seconds)
+        return blocks
 
     def _call(self, stage: str, fn, *args, **kwargs):
         self.stage = stage

@@ -72,7 +72,8 @@ class AvatarSession:
         stall_timeout: seconds without a push, while a segment is open and the consumer waits on an
           empty buffer, after which idle blocks fill the gap (default 0.25 s when pacing: a real-time TTS
           pushes every 20-40 ms; None otherwise: then an open segment always waits for its audio).
-        on_block: called with each VideoBlock on the worker thread (metrics); it must not block.
+        on_block: called as on_block(VideoBlock, seconds) on the worker thread for each block, with the
+          wall time of the engine call(s) that produced it (metrics); it must not block.
         """
         cfg = engine.config
         block = cfg.video_frames_in_block(1)

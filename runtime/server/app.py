@@ -12,8 +12,6 @@ error message naming it. A session whose client sends nothing for `idle_timeout`
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import uuid
@@ -22,26 +20,13 @@ from importlib import resources
 import numpy as np
 from aiohttp import WSMsgType, web
 
-from ..audio import AudioInputError
 from ..errors import AtCapacityError
-from ..realtime import AudioFrame, AvatarSession, AvatarSessionError, PlaybackFinished, VideoFrame
-from .fmp4 import FragmentedMP4Writer
+from ..realtime import AvatarSession
 from .metrics import Metrics
-from .protocol import (
-    FMP4_AUDIO,
-    FMP4_VIDEO,
-    RAW_AUDIO,
-    RAW_VIDEO,
-    ProtocolError,
-    Start,
-    error,
-    parse_control,
-    parse_start,
-    raw_message,
-)
+from .protocol import Start
+from .ws_session import serve_socket
 
 log = logging.getLogger(__name__)
-TRY_AGAIN_LATER = 1013   # WebSocket close code (RFC 6455 registry)
 
 
 class AvatarServer:
@@ -121,107 +106,8 @@ class AvatarServer:
     async def websocket(self, request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=16 << 20, heartbeat=30)
         await ws.prepare(request)
-        try:
-            start = await self._read_start(ws)
-            session_id, avatar = await self.open_session(start)
-        except ProtocolError as exc:
-            await _refuse(ws, "bad_request", str(exc))
-            return ws
-        except AtCapacityError as exc:
-            await _refuse(ws, "at_capacity", str(exc), TRY_AGAIN_LATER)
-            return ws
-        except (TypeError, ValueError) as exc:      # a bad reference image, refused by the engine
-            await _refuse(ws, "bad_request", str(exc))
-            return ws
-        try:
-            await ws.send_json({"type": "ready", "session": session_id, "fps": avatar.fps, "height": avatar.size[0],
-                                "width": avatar.size[1], "sample_rate": avatar.sample_rate, "format": start.format})
-            await self._serve_ws(ws, avatar, start)
-        finally:
-            await self.close_session(session_id)
-            await ws.close()
+        await serve_socket(self, AiohttpSocket(ws))
         return ws
-
-    async def _read_start(self, ws) -> Start:
-        try:
-            msg = await ws.receive(timeout=self.start_timeout)
-        except TimeoutError as exc:
-            raise ProtocolError(f"no start message within {self.start_timeout} s") from exc
-        if msg.type != WSMsgType.TEXT:
-            raise ProtocolError('the first message must be a JSON {"type": "start", ...} text frame')
-        return parse_start(msg.data)
-
-    async def _serve_ws(self, ws, avatar: AvatarSession, start: Start) -> None:
-        tasks = [asyncio.create_task(self._ws_input(ws, avatar, start)),
-                 asyncio.create_task(self._ws_output(ws, avatar, start))]
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        for task in pending:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for task in done:
-            failure = task.exception()
-            if isinstance(failure, AvatarSessionError):
-                self.metrics.failed_total += 1
-                log.warning("session failed: %s", failure)
-                await _refuse(ws, "session_failed", str(failure))
-            elif isinstance(failure, TimeoutError):
-                self.metrics.idle_timeouts_total += 1
-                await _refuse(ws, "idle_timeout", f"nothing received for {self.idle_timeout} s")
-            elif failure is not None and not isinstance(failure, ConnectionResetError):
-                raise failure
-
-    async def _ws_input(self, ws, avatar: AvatarSession, start: Start) -> None:
-        while True:
-            msg = await ws.receive(timeout=self.idle_timeout)
-            if msg.type == WSMsgType.BINARY:
-                try:
-                    await avatar.push_audio(msg.data, start.sample_rate)
-                except AudioInputError as exc:      # the chunk is refused; the session goes on
-                    await ws.send_str(error("bad_request", str(exc)))
-            elif msg.type == WSMsgType.TEXT:
-                try:
-                    kind = parse_control(msg.data)
-                except ProtocolError as exc:
-                    await ws.send_str(error("bad_request", str(exc)))
-                    continue
-                if kind == "stop":
-                    return
-                if kind == "end_of_segment":
-                    avatar.end_of_segment()
-                elif kind == "clear":
-                    avatar.clear_buffer()
-            else:       # close, closing, error
-                return
-
-    async def _ws_output(self, ws, avatar: AvatarSession, start: Start) -> None:
-        writer = FragmentedMP4Writer(avatar.size[1], avatar.size[0], avatar.fps, avatar.sample_rate) \
-            if start.format == "fmp4" else None
-        sent_init, video = False, None
-        try:
-            async for event in avatar:
-                if isinstance(event, PlaybackFinished):
-                    await ws.send_json({"type": "playback_finished", "segment": event.segment,
-                                        "position": event.position, "interrupted": event.interrupted})
-                elif isinstance(event, VideoFrame):
-                    video = event
-                    if writer is None:
-                        await ws.send_bytes(raw_message(RAW_VIDEO, event.index, event.block, event.segment,
-                                                        event.rgb.tobytes()))
-                elif writer is None:
-                    await ws.send_bytes(raw_message(RAW_AUDIO, event.index, video.block, video.segment, event.data))
-                elif isinstance(event, AudioFrame):
-                    video_bytes, audio_bytes = writer.write(video.rgb, event.pcm)
-                    if video_bytes and not sent_init:
-                        await ws.send_json({"type": "init", "video": writer.video_mime, "audio": writer.audio_mime})
-                        sent_init = True
-                    for track, data in ((FMP4_VIDEO, video_bytes), (FMP4_AUDIO, audio_bytes)):
-                        if data:
-                            await ws.send_bytes(bytes([track]) + data)
-        finally:
-            if writer is not None:
-                writer.close()
 
     # ---- WebRTC ---------------------------------------------------------------------------------
     async def offer(self, request) -> web.Response:
@@ -240,7 +126,30 @@ class AvatarServer:
             await self.close_session(session_id)
 
 
-async def _refuse(ws, code: str, message: str, close_code: int = 1008) -> None:
-    if not ws.closed:
-        await ws.send_str(error(code, message))
-        await ws.close(code=close_code, message=code.encode())
+
+class AiohttpSocket:
+    """aiohttp's WebSocketResponse as the socket `serve_socket` talks to."""
+
+    def __init__(self, ws: web.WebSocketResponse):
+        self.ws = ws
+
+    @property
+    def closed(self) -> bool:
+        return self.ws.closed
+
+    async def receive(self, timeout: float) -> tuple[str, str | bytes | None]:
+        msg = await self.ws.receive(timeout=timeout)
+        if msg.type == WSMsgType.TEXT:
+            return "text", msg.data
+        if msg.type == WSMsgType.BINARY:
+            return "binary", msg.data
+        return "close", None
+
+    async def send_text(self, text: str) -> None:
+        await self.ws.send_str(text)
+
+    async def send_bytes(self, data: bytes) -> None:
+        await self.ws.send_bytes(data)
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        await self.ws.close(code=code, message=reason.encode())

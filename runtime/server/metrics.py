@@ -8,7 +8,7 @@ import numpy as np
 
 
 class Metrics:
-    """Counters, and the engine time of the last `window` blocks (all sessions) for p50/p99."""
+    """Counters, and the latency of the last `window` blocks (all sessions) for p50/p99."""
 
     def __init__(self, window: int = 1000):
         self._lock = threading.Lock()                # blocks are recorded on session worker threads
@@ -18,11 +18,11 @@ class Metrics:
         self.failed_total = 0
         self.idle_timeouts_total = 0
 
-    def record_block(self, block) -> None:
-        seconds = block.timings.get("total")
-        if seconds is not None:
-            with self._lock:
-                self._latency.append(seconds)
+    def record_block(self, block, seconds: float) -> None:
+        """`seconds`: wall time of the engine call that produced the block (queueing behind other
+        sessions' rounds included: what a client waits for)."""
+        with self._lock:
+            self._latency.append(seconds)
 
     def latency_quantiles(self) -> tuple[float, float] | None:
         with self._lock:
