@@ -5,6 +5,7 @@ session when one ends; a fourth past the queue gets HTTP 503. Needs its own envi
 ~30 s to start): `bash scripts/integration_env.sh ray`.
 """
 import asyncio
+import os
 import socket
 
 import numpy as np
@@ -32,6 +33,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def cluster():
     port = free_port()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # a loopback-only test cluster
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(avatar_app("micro", num_replicas=2, max_sessions=1, num_gpus=0, device="cpu", pace=False,
@@ -55,6 +57,8 @@ async def start(http, url: str):
 def test_two_sessions_served_third_queued_frames_equal_direct_runs(cluster):
     async def go():
         async with aiohttp.ClientSession() as http:
+            health = await http.get(f"{cluster}/health")
+            assert health.status == 200, (health.status, await health.text())
             holders = [await start(http, cluster) for _ in range(2)]          # hold both replicas' slot
             assert [(await ws.receive_json())["type"] for ws in holders] == ["ready", "ready"]
             third = asyncio.create_task(start(http, cluster))                 # queued by Ray's router

@@ -6,30 +6,15 @@ import logging
 import numpy as np
 import pytest
 
-from runtime import Engine
-from runtime.media import synth_speech_like
 from runtime.realtime import AudioFrame, AvatarSession, PlaybackFinished, VideoFrame
 from runtime.realtime.timebase import AudioRechunker, video_pts
 
+from . import test_realtime as realtime
+
+engine, image = realtime.engine, realtime.image     # the same module-scoped fixtures
+pcm, run = realtime.pcm, realtime.run
+
 SR, SPF = 16000, 1000
-
-
-@pytest.fixture(scope="module")
-def engine():
-    return Engine.from_pretrained("micro", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def image():
-    return np.random.default_rng(0).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
-
-
-def pcm(seconds, seed):
-    return np.round(synth_speech_like(seconds, sample_rate=SR, seed=seed) * 32767).astype(np.int16)
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
 
 
 def test_a_stalled_segment_gets_idle_frames_equal_to_the_engine(engine, image):

@@ -20,6 +20,7 @@ import asyncio
 import numpy as np
 
 from ..server.app import AvatarServer
+from ..server.ws_session import serve_socket
 
 
 class StarletteSocket:
@@ -31,6 +32,8 @@ class StarletteSocket:
 
     async def receive(self, timeout: float) -> tuple[str, str | bytes | None]:
         message = await asyncio.wait_for(self.ws.receive(), timeout)
+        while message["type"] == "websocket.connect":   # Ray's proxy may relay the handshake message too
+            message = await asyncio.wait_for(self.ws.receive(), timeout)
         if message["type"] == "websocket.disconnect":
             self.closed = True
             return "close", None
@@ -74,8 +77,6 @@ def avatar_app(preset_or_dir: str, *, num_replicas: int = 1, max_sessions: int =
 
         @api.websocket("/ws")
         async def ws(self, websocket: WebSocket) -> None:
-            from ..server.ws_session import serve_socket
-
             await websocket.accept()
             await serve_socket(self.server, StarletteSocket(websocket))
 

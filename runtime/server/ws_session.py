@@ -58,6 +58,7 @@ async def serve_socket(host, sock) -> None:
 
 
 async def refuse(sock, code: str, message: str, close_code: int = POLICY) -> None:
+    log.info("session refused or ended: %s: %s", code, message)
     if not sock.closed:
         await sock.send_text(error(code, message))
         await sock.close(close_code, code)
