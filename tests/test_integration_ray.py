@@ -1,7 +1,8 @@
 """Ray Serve on a local CPU cluster: 2 replicas of the micro engine with max_sessions=1 each, 3
 sessions at once: two are served (one per replica) and their frames equal a direct engine run; the
 third is queued (max_queued_requests=1): it is not admitted while both replicas are full and gets its
-session when one ends; a fourth past the queue gets HTTP 503. Needs its own environment (ray is heavy, its cluster takes
+session when one ends; a fourth past the queue is refused at the handshake (HTTP 500 from Ray 2.60's
+proxy for a WebSocket, 503 for plain HTTP). Needs its own environment (ray is heavy, its cluster takes
 ~30 s to start): `bash scripts/integration_env.sh ray`.
 """
 import asyncio
@@ -10,6 +11,7 @@ import socket
 
 import numpy as np
 import pytest
+import torch
 
 ray = pytest.importorskip("ray", reason="needs ray[serve]: bash scripts/integration_env.sh ray")
 serve = pytest.importorskip("ray.serve")
@@ -76,14 +78,19 @@ def test_two_sessions_served_third_queued_frames_equal_direct_runs(cluster):
             for other in (ws, holders[1]):
                 await other.send_json({"type": "stop"})
                 await other.close()
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(3.0)     # Ray's router sees the closed sessions' slots free again
         served = await asyncio.gather(stream_raw(cluster, speech(1), seed=3), stream_raw(cluster, speech(2), seed=4))
         return queued, fourth, third_ready, served
 
     queued, fourth, third_ready, served = asyncio.run(asyncio.wait_for(go(), 240))
     assert queued and third_ready == "ready"
-    assert fourth == "http 503"
-    engine = Engine.from_pretrained("micro", device="cpu")
+    # Ray 2.60's proxy drops it "due to backpressure" (its log) and fails the WebSocket handshake with
+    # 500; plain HTTP requests get 503 there
+    assert fourth in ("http 500", "http 503")
+    # as each replica's engine, and on one thread: Ray starts workers with OMP_NUM_THREADS=1, and
+    # another thread count sums in another order (frames 1 LSB apart)
+    torch.set_num_threads(1)
+    engine = Engine.from_pretrained("micro", device="cpu", max_sessions=1)
     face = synthetic_face(*engine.size)
     for out, seed, sp in ((served[0], 3, speech(1)), (served[1], 4, speech(2))):
         assert out["acks"][0]["type"] == "playback_finished"

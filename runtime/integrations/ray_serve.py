@@ -10,11 +10,13 @@ lifetime (its engine state lives there). Ray Serve's router sends a new connecti
 fewer than `max_ongoing_requests` (= `max_sessions`) open connections. When every replica is full, a
 new connection is QUEUED by Ray (its WebSocket handshake waits) until a session ends anywhere, up to
 `max_queued_requests` waiting connections (Ray allows no 0: at least 1, or -1 for no limit); past
-that Ray refuses the handshake with HTTP 503. A replica asked for more sessions than its engine holds
+that Ray refuses the handshake (HTTP 500 for a WebSocket in Ray 2.60, 503 for plain HTTP). A replica
+asked for more sessions than its engine holds
 would answer "at capacity" itself (close code 1013), as `avatar serve` does.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the route's `websocket: WebSocket` annotation at
+# run time, and a string annotation naming a function-local import does not resolve (FastAPI then
+# closes the socket with 1008 before the handler runs).
 import asyncio
 
 import numpy as np
