@@ -472,3 +472,5 @@ _mount_subcommands()
 
 if __name__ == "__main__":
     app()
+
+__import__("runtime.server.cli", fromlist=["register"]).register(app)  # `avatar serve`, runtime/server/

@@ -95,15 +95,15 @@ def assert_interleaved(events, first_index: int = 0):
 
 def offline(engine, image, seed: int, script) -> list[np.ndarray]:
     """The plain Engine calls a session should make: frames in order (the oracle)."""
-    engine.reset(image, seed=seed)
     blocks = []
-    for op, arg in script:
-        if op == "step":
-            blocks += engine.step(arg)
-        elif op == "idle":
-            blocks += engine.idle(arg)
-        else:
-            engine.interrupt()
+    with engine.open(image, seed=seed) as stream:   # closed after: no idle session beside the next test's
+        for op, arg in script:
+            if op == "step":
+                blocks += stream.step(arg)
+            elif op == "idle":
+                blocks += stream.idle(arg)
+            else:
+                stream.interrupt()
     return [f for b in blocks for f in b.frames]
 
 
@@ -316,7 +316,7 @@ def test_worker_error_reaches_the_consumer_and_the_next_push(engine, image, monk
     async def session_run():
         async with AvatarSession(engine, image) as avatar:
             await avatar.push_audio(pcm(2.0, seed=11), SR)
-            with pytest.raises(AvatarSessionError, match=r"Engine.step \(block 1\).*out of memory") as raised:
+            with pytest.raises(AvatarSessionError, match=r"Engine\.\w+ \(block 1\).*out of memory") as raised:
                 async for _ in avatar:
                     pass
             assert isinstance(raised.value.__cause__, RuntimeError)
@@ -328,18 +328,29 @@ def test_worker_error_reaches_the_consumer_and_the_next_push(engine, image, monk
 
 def test_backpressure_bounds_output_and_aclose_drops_pending_work(engine, image):
     calls = []
-    real_step = engine.step
 
-    class CountingEngine:                 # the real engine, with its block count recorded
-        config = engine.config
+    class CountingSession:               # a real session, with its block count recorded
+        def __init__(self, session):
+            self.session = session
 
         def __getattr__(self, name):
-            return getattr(engine, name)
+            return getattr(self.session, name)
 
         def step(self, *args, **kwargs):
-            blocks = real_step(*args, **kwargs)
+            blocks = self.session.step(*args, **kwargs)
             calls.extend(b.index for b in blocks)
             return blocks
+
+        def drain(self):
+            blocks = self.session.drain()
+            calls.extend(b.index for b in blocks)
+            return blocks
+
+    class CountingEngine:                 # the real engine, whose sessions count
+        config = engine.config
+
+        def open(self, *args, **kwargs):
+            return CountingSession(engine.open(*args, **kwargs))
 
     async def session_run():
         avatar = await AvatarSession(CountingEngine(), image, max_buffered_frames=12).start()

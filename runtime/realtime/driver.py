@@ -8,8 +8,15 @@ Timeline rules (why the calls are what they are):
   past the next block boundary: `padding_queued`.
 - New speech first drops that padding (`Engine.interrupt`), so it starts exactly at the next block
   boundary instead of after a lookahead's worth of silence.
+
+The stream: an engine with `open()` (many sessions, contract A) gets a session of its own here, closed
+with the worker; an engine without it is the stream itself (`reset`). Every call that can complete a
+block is followed by `drain()`, so blocks come out in the call that completed them (the engine may
+pipeline them; sessions of other threads still share its rounds).
 """
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -20,8 +27,10 @@ from .spans import SpeechSpans
 
 
 class EngineDriver:
-    def __init__(self, engine, buffer: OutputBuffer):
+    def __init__(self, engine, buffer: OutputBuffer, on_block=None):
         self.engine, self.buffer, self.cfg = engine, buffer, engine.config
+        self.on_block = on_block
+        self.stream = None              # what step/idle/interrupt go to: a session, or the engine
         self.spf = self.cfg.samples_per_video_frame
         self.rate = self.cfg.audio.sample_rate
         self.stage = "not started"     # the engine call under way, for error messages
@@ -43,8 +52,19 @@ class EngineDriver:
 
     # ---- commands -------------------------------------------------------------------------------
     def reset(self, reference_image, seed: int, prompt, prompt_embeds) -> None:
-        self._call("Engine.reset", self.engine.reset, reference_image, prompt_embeds, seed, prompt=prompt)
+        if hasattr(self.engine, "open"):
+            self.stream = self._call("Engine.open", self.engine.open, reference_image, prompt=prompt,
+                                     prompt_embeds=prompt_embeds, seed=seed)
+        else:
+            self._call("Engine.reset", self.engine.reset, reference_image, prompt_embeds, seed, prompt=prompt)
+            self.stream = self.engine
         self._clear_timeline()
+
+    def close(self) -> None:
+        """Free the engine slot of an opened session (idempotent)."""
+        if self.stream is not None and self.stream is not self.engine:
+            self.stream.close()
+        self.stream = None
 
     def push(self, samples: np.ndarray, rate: int, segment: int, epoch: int) -> None:
         """Validated float32 mono at `rate`; resampled here when the session allows it."""
@@ -54,12 +74,12 @@ class EngineDriver:
             if not self.buffer.wait_for_room(epoch):
                 return  # barge-in or close: the rest never reaches the engine
             if self.padding_queued:
-                self.total -= self._call("Engine.interrupt", self.engine.interrupt)
+                self.total -= self._call("Engine.interrupt", self.stream.interrupt)
                 self.padding_queued = False
             n = min(len(samples) - pos, samples_to_run(self.cfg, self.next_block) - self.total)
             self.spans.add(segment, self.total, n)
             self.total += n
-            self._emit(self._call("Engine.step", self.engine.step, samples[pos:pos + n], self.rate), epoch)
+            self._emit(self._blocks("Engine.step", self.stream.step, samples[pos:pos + n], self.rate), epoch)
             pos += n
 
     def end_segment(self, segment: int, epoch: int) -> None:
@@ -78,7 +98,7 @@ class EngineDriver:
 
     def interrupt(self) -> None:
         """Barge-in: the engine drops audio not yet in a block; so does the bookkeeping."""
-        self.total -= self._call("Engine.interrupt", self.engine.interrupt)
+        self.total -= self._call("Engine.interrupt", self.stream.interrupt)
         self.spans.truncate(self.total)
         self._pending_ends.clear()
         self.padding_queued = False
@@ -92,7 +112,7 @@ class EngineDriver:
         for _ in range(count):
             if not self.buffer.wait_for_room(epoch):
                 return
-            self._emit(self._call("Engine.idle", self.engine.idle, 1), epoch)
+            self._emit(self._blocks("Engine.idle", self.stream.idle, 1), epoch)
             self.total = max(self.total, samples_to_run(self.cfg, self.next_block - 1))
             self.padding_queued = True
 
@@ -132,6 +152,19 @@ class EngineDriver:
             return np.zeros(0, np.float32)
         tail, self._resampler = self._resampler.flush(), None
         return tail
+
+    def _blocks(self, stage: str, fn, *args) -> list:
+        """A call that may complete a block, then `drain()`: an engine that pipelines blocks (contract A)
+        returns a block at a later call, and this timeline needs each block out before the next call."""
+        started = time.perf_counter()
+        blocks = self._call(stage, fn, *args)
+        drain = getattr(self.stream, "drain", None)
+        blocks = blocks + self._call("Engine.drain", drain) if drain is not None else blocks
+        if blocks and self.on_block is not None:
+            seconds = time.perf_counter() - started
+            for block in blocks:
+                self.on_block(block, seconds)
+        return blocks
 
     def _call(self, stage: str, fn, *args, **kwargs):
         self.stage = stage

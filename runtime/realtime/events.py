@@ -37,6 +37,13 @@ class AudioFrame:
     pts: float                 # same as that frame's
     pcm: np.ndarray = field(repr=False)  # int16 mono, exactly samples_per_frame samples
     sample_rate: int           # the engine's rate (the output rate, also when input was resampled)
+    speech_samples: int = 0    # the first speech_samples samples are pushed speech, the rest silence
+    segment: int | None = None  # the speech segment they belong to
+
+    @property
+    def speech_pcm(self) -> np.ndarray:
+        """Only the pushed speech (what LiveKit counts as played): empty for idle frames."""
+        return self.pcm[:self.speech_samples]
 
     @property
     def data(self) -> bytes:

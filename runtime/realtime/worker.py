@@ -53,6 +53,12 @@ class EngineWorker:
         self._thread.join()
 
     def _serve(self) -> None:
+        try:
+            self._run_commands()
+        finally:
+            self.driver.close()
+
+    def _run_commands(self) -> None:
         while (command := self._commands.get()) is not _STOP:
             try:
                 command.run()
