@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from typer.testing import CliRunner
 
-from runtime import BatchedEngine, Engine, ScheduledEngine
+from runtime import Engine
 from runtime.checkpoint import CheckpointError, save_state_dict
 from runtime.cli import app
 from runtime.text import PromptEncoder, TextEncoderConfig, load_prompt_embeds, save_prompt_embeds
@@ -348,7 +348,7 @@ def speech():
 
 def first_block(eng, image, speech, **prompt):
     eng.reset(image, seed=3, **prompt)
-    (block,) = eng.step(speech)
+    (block,) = eng.step(speech) + eng.drain()   # blocks may still be in flight when step() returns
     return block.frames
 
 
@@ -400,18 +400,21 @@ def test_encoder_of_another_width_is_refused(tiny_files):
         eng.attach_text_encoder(PromptEncoder.from_files(*tiny_files, config="tiny", dtype=torch.float32))
 
 
-def test_scheduled_and_batched_engines_take_text_prompts(engine, image, speech):
+def test_sessions_of_one_engine_take_text_prompts(engine, image, speech):
+    """Three sessions batched in one engine's rounds, each with its own prompt (text or embeddings)."""
     text, other = "a woman smiles at the camera", "a man nods"
     want = first_block(engine, image, speech, prompt=text)
-    with ScheduledEngine.from_engine(engine) as sched:
-        np.testing.assert_array_equal(first_block(sched, image, speech, prompt=text), want)
-    batched = BatchedEngine(engine, sessions=3)
-    for i, prompt in enumerate([{"prompt": text}, {"prompt_embeds": engine.encode_prompt(text)}, {"prompt": other}]):
-        batched.reset(i, image, seed=3, **prompt)
-    out = batched.step({i: speech for i in range(3)})
-    frames = [out[i][0].frames.astype(int) for i in range(3)]
+    engine.close()   # the one-session shorthand's session: the three below are alone in their rounds
+    prompts = [{"prompt": text}, {"prompt_embeds": engine.encode_prompt(text)}, {"prompt": other}]
+    sessions = [engine.open(image, seed=3, **p) for p in prompts]
+    try:
+        blocks = [s.step(speech) for s in sessions]
+        frames = [(b + s.drain())[0].frames.astype(int) for b, s in zip(blocks, sessions)]
+    finally:
+        for s in sessions:
+            s.close()
     np.testing.assert_array_equal(frames[0], frames[1])  # same prompt as text and as embeddings
-    assert np.abs(frames[0] - want).max() <= 1  # batched vs single: float rounding (tests/test_batched.py)
+    assert np.abs(frames[0] - want).max() <= 1  # batched rows vs one row: float rounding (docs/engine.md)
     assert np.abs(frames[2] - frames[0]).max() > 1
 
 
