@@ -7,7 +7,7 @@ Shape: one 3-frame block of 32 x 32 tokens (Lq 3072) against a full 15-slot ring
 12 heads x 128, bf16, batch 1; the script also measures 480x832 (30 x 52 tokens: Lq 4680, Lk 23400). The Triton kernel gets the ring as its KV write stores it (keys with
 their height/width rotation) and is checked against SDPA on fully rotated q/k before it is timed. Attention TFLOP/s = 4 * Lq * Lk * H * D / t. Baselines run on
 q and k already rotated (their RoPE is not timed, which favours them): torch SDPA with its flash
-and cuDNN backends, and flash-attn when importable. The sdpa *backend* of kernels/backends.py
+and cuDNN backends, and flash-attn when importable. The sdpa *backend* of avatar_kernels/backends.py
 (RoPE of the ring in torch + masked SDPA) is timed too, as the fallback it is.
 KV write and norm+modulate report GB/s of the bytes they must move, and that as a fraction of
 the device's copy bandwidth measured here (a device-to-device copy), not of a datasheet number.
@@ -92,7 +92,7 @@ def _device_info() -> dict:
 # Attention
 # --------------------------------------------------------------------------------------------------
 def attention_inputs(grid: tuple[int, int] = GRID):
-    from kernels.rope import apply_rope, rope_angles, rotate_spatial
+    from avatar_kernels.rope import apply_rope, rope_angles, rotate_spatial
     tokens = grid[0] * grid[1]
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(B, FQ * tokens, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -122,8 +122,8 @@ def _sdpa_runner(q_rot, k_rot, v, backend):
 def measure_attention(grid: tuple[int, int] = GRID) -> dict:
     from torch.nn.attention import SDPBackend
 
-    from kernels.backends import _flash_attn_module, window_attention_sdpa
-    from kernels.window_attention import window_attention_triton
+    from avatar_kernels.backends import _flash_attn_module, window_attention_sdpa
+    from avatar_kernels.window_attention import window_attention_triton
     q, k, v, slot_pos, q_pos, q_rot, k_rot = attention_inputs(grid)
     out = window_attention_triton(q, k, v, slot_pos, q_pos, *grid)
     reference = F.scaled_dot_product_attention(q_rot.transpose(1, 2), k_rot.transpose(1, 2),
@@ -158,7 +158,7 @@ def measure_attention(grid: tuple[int, int] = GRID) -> dict:
 
 
 def measure_attention_sweep() -> dict:
-    from kernels.window_attention import AttentionConfig, window_attention_triton
+    from avatar_kernels.window_attention import AttentionConfig, window_attention_triton
     q, k, v, slot_pos, q_pos, _, _ = attention_inputs()
     expected = window_attention_triton(q, k, v, slot_pos, q_pos, *GRID)
     results = {}
@@ -182,7 +182,7 @@ def measure_attention_sweep() -> dict:
 # Memory-bound kernels
 # --------------------------------------------------------------------------------------------------
 def _kv_write_call():
-    from kernels.kv_write import qk_norm_kv_write_triton
+    from avatar_kernels.kv_write import qk_norm_kv_write_triton
     g = torch.Generator(device="cuda").manual_seed(1)
     q, k, v = (torch.randn(B, LQ, DIM, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
     q_w, k_w = torch.ones(DIM, device="cuda"), torch.ones(DIM, device="cuda")
@@ -202,13 +202,13 @@ def _norm_inputs():
 
 
 def _norm_modulate_call():
-    from kernels.norm_modulate import layernorm_modulate_triton
+    from avatar_kernels.norm_modulate import layernorm_modulate_triton
     x, _, shift, scale, _, out = _norm_inputs()
     return lambda: layernorm_modulate_triton(x, shift, scale, T, 1e-6, out=out)
 
 
 def _gated_residual_call():
-    from kernels.norm_modulate import gated_residual_triton
+    from avatar_kernels.norm_modulate import gated_residual_triton
     x, y, _, _, gate, out = _norm_inputs()
     return lambda: gated_residual_triton(x, y, gate, T, out=out)
 
@@ -243,7 +243,7 @@ def _synced(fn):
 
 
 def test_bench_window_attention(benchmark):
-    from kernels.window_attention import window_attention_triton
+    from avatar_kernels.window_attention import window_attention_triton
     results = measure_attention()
     benchmark.extra_info.update(results)
     q, k, v, slot_pos, q_pos, _, _ = attention_inputs()

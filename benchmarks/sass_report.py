@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from kernels import kv_write, norm_modulate, window_attention
-from kernels._triton_util import bind_helpers, next_pow2, row_warps
-from kernels.rope import rope_split
+from avatar_kernels import kv_write, norm_modulate, window_attention
+from avatar_kernels._triton_util import bind_helpers, next_pow2, row_warps
+from avatar_kernels.rope import rope_split
 
 try:
     import triton

@@ -6,7 +6,7 @@ Every op of the stages has an ONNX form; nothing needs a custom domain:
 - the VAE's 2x upsampling is one Resize (the stages swap the VAE's nearest-exact module for the
   identical-at-scale-2 "nearest" one, see `stages.NearestUp2x`; nearest-exact would export as a
   GatherND over a constant index), RMS_norm is ReduceL2/Div, the causal convs are 3-D Conv.
-The Triton kernels of `kernels/` are not embedded: an exported graph carries their reference math,
+The Triton kernels of `avatar_kernels/` are not embedded: an exported graph carries their reference math,
 and a graph compiler (TensorRT) does its own fusion. That is the documented fallback for them.
 
 Weights above `EXTERNAL_DATA_BYTES` are written next to the graph (`<name>.onnx.data`), because a

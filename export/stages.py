@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.kv_write import rms_norm_reference
+from avatar_kernels.kv_write import rms_norm_reference
 from runtime.config import EngineConfig
 from runtime.models.dit import BlockPlan, CausalAudioDiT, TimeMod
 from runtime.models.ops import Ops

@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from kernels.rope import rope_split
+from avatar_kernels.rope import rope_split
 
 
 def _require(cond: bool, msg: str) -> None:

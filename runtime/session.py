@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.window_attention import INVALID_POS
+from avatar_kernels.window_attention import INVALID_POS
 
 from .config import CacheConfig, EngineConfig
 from .models.dit import BlockPlan

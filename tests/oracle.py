@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.rope import apply_rope, rope_angles
+from avatar_kernels.rope import apply_rope, rope_angles
 from runtime.config import EngineConfig
 from runtime.models.dit import CausalAudioDiT
 

@@ -30,7 +30,7 @@ from benchmarks.harness import (
     steady_block_index,
 )
 from benchmarks.upstream_path import UpstreamRunner, cached_frames_before
-from kernels.window_attention import INVALID_POS
+from avatar_kernels.window_attention import INVALID_POS
 from runtime.config import CacheConfig, EngineConfig
 from runtime.flops import block_flops
 from runtime.models.dit import build_dit

@@ -14,8 +14,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels import backends
-from kernels.backends import (
+from avatar_kernels import backends
+from avatar_kernels.backends import (
     available_backends,
     flash_attn_supported,
     select_backend,
@@ -23,10 +23,10 @@ from kernels.backends import (
     window_attention,
     window_attention_sdpa,
 )
-from kernels.kv_write import qk_norm_kv_write_reference
-from kernels.norm_modulate import gated_residual_reference, layernorm_modulate_reference
-from kernels.rope import rotate_spatial
-from kernels.window_attention import INVALID_POS, window_attention_reference
+from avatar_kernels.kv_write import qk_norm_kv_write_reference
+from avatar_kernels.norm_modulate import gated_residual_reference, layernorm_modulate_reference
+from avatar_kernels.rope import rotate_spatial
+from avatar_kernels.window_attention import INVALID_POS, window_attention_reference
 
 X = INVALID_POS
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -60,7 +60,7 @@ def test_capability_rules():
 
 
 def test_cpu_auto_is_sdpa_and_logged(caplog):
-    with caplog.at_level(logging.INFO, logger="kernels.backends"):
+    with caplog.at_level(logging.INFO, logger="avatar_kernels.backends"):
         assert select_backend("cpu") == "sdpa"
     assert "'sdpa'" in caplog.text and "cpu" in caplog.text
     names = available_backends("cpu")

@@ -1,4 +1,4 @@
-"""Triton q/k RMSNorm + KV ring write vs the fp32 reference (kernels/kv_write.py).
+"""Triton q/k RMSNorm + KV ring write vs the fp32 reference (avatar_kernels/kv_write.py).
 
 CPU runs use Triton's interpreter (TRITON_INTERPRET=1 set here before any kernel is built).
 Slots being written are poisoned with NaN first and the q output buffer too, so anything left
@@ -25,8 +25,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
-from kernels._triton_util import interpreting
-from kernels.kv_write import qk_norm_kv_write_reference, qk_norm_kv_write_triton
+from avatar_kernels._triton_util import interpreting
+from avatar_kernels.kv_write import qk_norm_kv_write_reference, qk_norm_kv_write_triton
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu" and not interpreting():

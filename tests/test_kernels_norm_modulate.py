@@ -1,4 +1,4 @@
-"""Triton LayerNorm + modulate and gated residual vs the fp32 references (kernels/norm_modulate.py).
+"""Triton LayerNorm + modulate and gated residual vs the fp32 references (avatar_kernels/norm_modulate.py).
 
 CPU runs use Triton's interpreter (TRITON_INTERPRET=1 set here before any kernel is built). Output
 buffers are poisoned with NaN first. The modulation is passed as strided views of one
@@ -20,8 +20,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
-from kernels._triton_util import interpreting
-from kernels.norm_modulate import (
+from avatar_kernels._triton_util import interpreting
+from avatar_kernels.norm_modulate import (
     gated_residual_reference,
     gated_residual_triton,
     layernorm_modulate_reference,

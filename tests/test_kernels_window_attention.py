@@ -1,11 +1,11 @@
-"""Triton window attention vs the fp32 reference (kernels/window_attention.py).
+"""Triton window attention vs the fp32 reference (avatar_kernels/window_attention.py).
 
 On a machine without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set here
 before any kernel is compiled; Triton reads it when a kernel is first built). Shapes are tiny there.
 The `gpu` tests repeat the comparison at the real shape (Lq 3072, 15 slots x 1024 tokens, 12 x 128).
 
 The kernel reads keys that carry their height/width rotation (the layout the Triton KV write stores,
-`kernels.rope.rotate_spatial`); the reference is given the same ring with `spatial_roped_keys=True`,
+`avatar_kernels.rope.rotate_spatial`); the reference is given the same ring with `spatial_roped_keys=True`,
 and `test_spatially_roped_ring_is_the_unroped_ring` ties that layout to un-roped keys.
 
 Tolerances (max |kernel - reference| <= atol + rtol * |reference|), reference in fp32 on the same
@@ -26,9 +26,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
-from kernels._triton_util import interpreting
-from kernels.rope import rotate_spatial
-from kernels.window_attention import (
+from avatar_kernels._triton_util import interpreting
+from avatar_kernels.rope import rotate_spatial
+from avatar_kernels.window_attention import (
     INVALID_POS,
     AttentionConfig,
     window_attention_reference,

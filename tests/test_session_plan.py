@@ -1,7 +1,7 @@
 """Host-side ring planning: slots, visibility and RoPE positions."""
 import pytest
 
-from kernels.window_attention import INVALID_POS
+from avatar_kernels.window_attention import INVALID_POS
 from runtime.config import CacheConfig
 from runtime.session import frame_positions, frame_slot, plan_block, visible_frames
 

@@ -35,7 +35,7 @@ using namespace avatar_sched;
 
 namespace {
 
-// The order in which "kernels" ran on the simulated device, with the stream each ran on.
+// The order in which "avatar_kernels" ran on the simulated device, with the stream each ran on.
 struct DeviceLog {
   std::mutex mu;
   std::condition_variable cv;

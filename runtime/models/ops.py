@@ -1,26 +1,26 @@
 """The DiT's hot ops behind one small interface, so a kernel backend is a choice, not a rewrite.
 
-`Ops` (the `reference` backend) is eager fp32 math from `kernels/*_reference`. `ops_for(backend,
-device)` resolves the backend by device capability (kernels.backends.select_backend, which logs the
+`Ops` (the `reference` backend) is eager fp32 math from `avatar_kernels/*_reference`. `ops_for(backend,
+device)` resolves the backend by device capability (avatar_kernels.backends.select_backend, which logs the
 choice; never by GPU name) and returns the class of ops to use. Every variant has the same signatures.
 
 A ring is written and read by one class, whose KV write and attention agree on the key layout:
-`TritonOps` stores keys with their height/width rotation already applied (kernels/window_attention.py),
+`TritonOps` stores keys with their height/width rotation already applied (avatar_kernels/window_attention.py),
 the others store them un-roped; both are un-roped in time, so a position shift never rewrites them.
 """
 from __future__ import annotations
 
 import torch
 
-from kernels import backends
-from kernels.kv_write import qk_norm_kv_write_reference, qk_norm_kv_write_triton, rms_norm_reference
-from kernels.norm_modulate import (
+from avatar_kernels import backends
+from avatar_kernels.kv_write import qk_norm_kv_write_reference, qk_norm_kv_write_triton, rms_norm_reference
+from avatar_kernels.norm_modulate import (
     gated_residual_reference,
     gated_residual_triton,
     layernorm_modulate_reference,
     layernorm_modulate_triton,
 )
-from kernels.window_attention import window_attention_reference, window_attention_triton
+from avatar_kernels.window_attention import window_attention_reference, window_attention_triton
 
 
 class Ops:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kernels.rope import rope_split
+from avatar_kernels.rope import rope_split
 
 
 def _require(cond: bool, msg: str) -> None:

@@ -8,7 +8,7 @@ holds).
 
 Two key layouts, one result. The reference takes keys un-roped (`spatial_roped_keys=False`) or, like
 the Triton kernel, keys that already carry the height/width part of their rotation
-(`kernels.rope.rotate_spatial`, applied by the KV-write kernel as the key is stored). That part
+(`avatar_kernels.rope.rotate_spatial`, applied by the KV-write kernel as the key is stored). That part
 depends only on a token's place inside its frame, so it is the same wherever the frame later sits in
 time; only the frame part moves when positions shift (the sink frames' shift), and it is applied
 here, at read time. A position shift is therefore a change of `slot_pos`, never a rewrite of the
@@ -313,7 +313,7 @@ def window_attention_triton(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch
                             config: AttentionConfig | None = None) -> torch.Tensor:
     """Triton window attention: `window_attention_reference(..., spatial_roped_keys=True)`.
 
-    k_ring holds keys rotated by the height/width part of RoPE only (`kernels.rope.rotate_spatial`;
+    k_ring holds keys rotated by the height/width part of RoPE only (`avatar_kernels.rope.rotate_spatial`;
     the Triton KV write stores them so); the frame part is applied here from `slot_pos`.
 
     q [B, Lq, H, D] and the rings [B, S*T, H, D] (bf16, fp16 or fp32, one dtype, any strides with a

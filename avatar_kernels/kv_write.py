@@ -4,7 +4,7 @@ The norm is the release's: x * rsqrt(mean(x^2) + eps) in fp32, cast to the activ
 times the weight. k is stored un-roped, or (with `rope_grid`, the layout the Triton attention reads)
 rotated by the height/width part of RoPE only: that part depends only on the token's place in its
 frame, so it is applied once here; the frame part, the one that moves when positions shift, is applied
-when attention reads the key (see kernels/window_attention.py).
+when attention reads the key (see avatar_kernels/window_attention.py).
 """
 from __future__ import annotations
 

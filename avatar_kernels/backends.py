@@ -2,7 +2,7 @@
 
 Backends:
 - `reference`: the eager fp32 references beside each kernel (always available; the numerical truth).
-- `sdpa`: RoPE the ring with kernels.rope, mask empty slots, `F.scaled_dot_product_attention`
+- `sdpa`: RoPE the ring with avatar_kernels.rope, mask empty slots, `F.scaled_dot_product_attention`
   (always available; torch picks its own fused kernel on a GPU). Other ops use the references.
 - `triton`: the fused Triton kernels of this package. Needs triton and either a CUDA device of
   compute capability >= 8.0 (bf16 MMA and asynchronous copies) or, on the CPU, TRITON_INTERPRET=1.
@@ -127,7 +127,7 @@ def _resolve(device: torch.device, requested: str) -> str:
 # Window attention: sdpa and flash_attn implementations (same signature as the reference)
 # --------------------------------------------------------------------------------------------------
 def _rope_inputs(q, k_ring, slot_pos, q_pos, grid_h, grid_w, theta, spatial_roped_keys):
-    """q and the whole ring rotated in fp32 (kernels.rope) and rounded to q's dtype; the slot mask.
+    """q and the whole ring rotated in fp32 (avatar_kernels.rope) and rounded to q's dtype; the slot mask.
     Keys that already carry their height/width rotation get only the frame part."""
     D = q.shape[-1]
     valid = slot_pos != INVALID_POS
@@ -209,7 +209,7 @@ def window_attention(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor
                      q_pos: torch.Tensor, grid_h: int, grid_w: int, theta: float = 10000.0,
                      scale: float | None = None, *, spatial_roped_keys: bool = False,
                      backend: str = "auto") -> torch.Tensor:
-    """Window attention (see kernels/window_attention.py) on the chosen backend. `spatial_roped_keys`
+    """Window attention (see avatar_kernels/window_attention.py) on the chosen backend. `spatial_roped_keys`
     says how the ring was written (qk_norm_kv_write with or without rope_grid); `triton` needs True."""
     impl = _ATTENTION[_resolve(q.device, backend)]
     return impl(q, k_ring, v_ring, slot_pos, q_pos, grid_h, grid_w, theta, scale,

@@ -3,7 +3,7 @@
 Triton is optional (the eager references never need it). Kernels are written as plain module-level
 functions and wrapped with `triton.jit` at their first launch, not at import: Triton decides between
 compiling and interpreting (TRITON_INTERPRET=1) when `triton.jit` runs, so deciding late means the
-mode is whatever the environment says when a kernel first runs, however early `kernels.*` was
+mode is whatever the environment says when a kernel first runs, however early `avatar_kernels.*` was
 imported (a test module that sets TRITON_INTERPRET works even if the model imported us first).
 """
 from __future__ import annotations
