@@ -18,6 +18,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from avatar_kernels.window_attention import INVALID_POS
 from benchmarks import cli as bench_cli
 from benchmarks.harness import (
     DitSetup,
@@ -30,7 +31,6 @@ from benchmarks.harness import (
     steady_block_index,
 )
 from benchmarks.upstream_path import UpstreamRunner, cached_frames_before
-from avatar_kernels.window_attention import INVALID_POS
 from runtime.config import CacheConfig, EngineConfig
 from runtime.flops import block_flops
 from runtime.models.dit import build_dit

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from runtime.checkpoint import CheckpointError
 from runtime.engine import Engine
 from runtime.families.liveavatar.audio_front import tiny_wav2vec2
 from runtime.families.liveavatar.presets import engine_preset
@@ -61,9 +62,16 @@ def test_missing_files_are_all_named(files):
     root, _, _ = files
     (root / "liveavatar.safetensors").unlink()
     (root / "Wan2.2-S2V-14B" / "Wan2.1_VAE.pth").unlink()
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(CheckpointError, match="not a Live Avatar release directory") as err:
         _load(root)
     assert all(s in str(err.value) for s in ("liveavatar.safetensors", "Wan2.1_VAE.pth"))
+
+
+def test_a_directory_with_only_the_audio_encoder_is_recognised_as_family_2(tmp_path):
+    """Any part of the release picks family 2, whose error then lists every missing part."""
+    tiny_wav2vec2(TINY.audio_layers, TINY.audio_dim).save_pretrained(tmp_path / "wav2vec2-large-xlsr-53-english")
+    with pytest.raises(CheckpointError, match="no trunk index .* no liveavatar.safetensors, no Wan2.1_VAE.pth"):
+        _load(tmp_path)
 
 
 def test_wav2vec2_of_other_width_is_refused(files):

@@ -22,7 +22,7 @@ from runtime.models.vae import WanVAE
 from .audio_front import FrontEndSettings, Wav2VecFrontEnd
 from .config import LiveAvatarConfig
 from .fp8 import quantize_liveavatar_fp8
-from .loading import find_release, load_liveavatar
+from .loading import W2V_DIR, find_release, load_liveavatar
 from .model import LiveAvatarDiT, build_liveavatar
 from .presets import EnginePreset, engine_preset, random_wav2vec2
 from .random_weights import materialize_random, randomize_weights

@@ -25,6 +25,7 @@ from .model import LiveAvatarDiT, build_liveavatar
 RELEASE_STEM = "diffusion_pytorch_model"
 RELEASE_INDEX = f"{RELEASE_STEM}.safetensors.index.json"
 WHAT = "Wan2.2-S2V-14B trunk"
+W2V_DIR = "wav2vec2-large-xlsr-53-english"  # the Hugging Face audio encoder's directory name
 
 RELEASE_LAYOUT = ("Wan2.2-S2V-14B/ (diffusion_pytorch_model-0000N-of-0000M.safetensors + "
                   f"{RELEASE_INDEX} [+ config.json]), Wan2.1_VAE.pth (or .safetensors; in Wan2.2-S2V-14B/ "
@@ -59,10 +60,10 @@ def find_release(root: str | Path) -> ReleaseFiles:
     lora = _only(sorted(root.rglob("liveavatar.safetensors")), "liveavatar.safetensors", root)
     vae = _only(sorted(p for p in root.rglob("Wan2.1_VAE.*") if p.suffix in (".pth", ".safetensors")),
                 "Wan2.1_VAE files", root)
-    w2v = _only(sorted(p.parent for p in root.rglob("wav2vec2-large-xlsr-53-english/config.json")),
-                "wav2vec2-large-xlsr-53-english directories", root)
+    w2v = _only(sorted(p.parent for p in root.rglob(f"{W2V_DIR}/config.json")),
+                f"{W2V_DIR} directories", root)
     found = {"trunk index " + RELEASE_INDEX: index, "liveavatar.safetensors": lora, "Wan2.1_VAE.pth": vae,
-             "wav2vec2-large-xlsr-53-english/config.json": w2v}
+             f"{W2V_DIR}/config.json": w2v}
     missing = [name for name, path in found.items() if path is None]
     if missing:
         raise CheckpointError(f"{root}: not a Live Avatar release directory: no {', no '.join(missing)} "
