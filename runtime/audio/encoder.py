@@ -41,8 +41,11 @@ def normalize_waveform(wave: torch.Tensor, pad_before: int | torch.Tensor = 0) -
     """
     x = wave.float()
     n = x.shape[-1]
-    pad = torch.as_tensor(pad_before, device=x.device).reshape(-1, 1)
-    valid = torch.arange(n, device=x.device).unsqueeze(0) >= pad  # [B or 1, N]
+    positions = torch.arange(n, device=x.device).unsqueeze(0)
+    if isinstance(pad_before, torch.Tensor):  # per row; a tensor already on x's device is not copied
+        valid = positions >= pad_before.to(x.device).reshape(-1, 1)  # [B, N]
+    else:  # a Python int compares on the device: no host-to-device upload inside the audio stage
+        valid = positions >= int(pad_before)  # [1, N]
     count = valid.sum(-1, keepdim=True).clamp_min(1)
     mean = (x * valid).sum(-1, keepdim=True) / count
     var = ((x - mean).square() * valid).sum(-1, keepdim=True) / count

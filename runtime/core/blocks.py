@@ -33,10 +33,15 @@ def cut_to_frames(block: VideoBlock, end_frame: int, samples_per_frame: int) -> 
                                audio=block.audio[:keep * samples_per_frame].copy())
 
 
-def frames_uint8(video: torch.Tensor) -> np.ndarray:
-    """Decoded video [B, 3, N, H, W] in [-1, 1] -> batch row 0 as a uint8 [N, H, W, 3] host copy."""
+def frames_uint8_device(video: torch.Tensor) -> torch.Tensor:
+    """Decoded video [B, 3, N, H, W] in [-1, 1] -> batch row 0 as uint8 [N, H, W, 3], on its device."""
     frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return frames.permute(1, 2, 3, 0).cpu().numpy()
+    return frames.permute(1, 2, 3, 0)
+
+
+def frames_uint8(video: torch.Tensor) -> np.ndarray:
+    """frames_uint8_device as a host copy (the copy waits for the decode: postprocess only)."""
+    return frames_uint8_device(video).cpu().numpy()
 
 
 def check_finite(t: torch.Tensor, what: str, block: int) -> None:

@@ -29,6 +29,7 @@ import torch
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
 from runtime.audio.encoder import normalize_waveform
+from runtime.transfer import to_device
 
 SAMPLE_RATE = 16000
 HOP = 320  # samples per 50 Hz wav2vec2 frame (conv strides 5 * 2^6)
@@ -125,10 +126,10 @@ class Wav2VecFrontEnd:
         if self.settings.normalize:
             wave = normalize_waveform(wave, pad)
         p = next(self.model.parameters())
-        out = self.model(wave.to(p.device, p.dtype), output_hidden_states=True)
+        out = self.model(to_device(wave, p.device).to(p.dtype), output_hidden_states=True)
         states = torch.stack(out.hidden_states, dim=1).float()  # [1, layers, frames, width]
         if states.shape[2] != self.planner.frames:
             raise RuntimeError(f"wav2vec2 gave {states.shape[2]} frames, planned {self.planner.frames}")
-        lo, w = window.lower.to(states.device), window.weight.to(states.device)[:, None]
+        lo, w = to_device(window.lower, states.device), to_device(window.weight, states.device)[:, None]
         feats = states[:, :, lo] * (1 - w) + states[:, :, lo + 1] * w  # [1, layers, V, width]
         return feats.transpose(2, 3)

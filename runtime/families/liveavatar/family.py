@@ -28,7 +28,7 @@ import torch
 
 from runtime.audio import AudioStream
 from runtime.config import AudioConfig
-from runtime.core.blocks import VideoBlock, check_finite, frames_uint8
+from runtime.core.blocks import VideoBlock, check_finite, frames_uint8_device
 from runtime.core.rounds import Task
 from runtime.families import register
 from runtime.families.base import Family, Row, SessionState, Timeline
@@ -56,7 +56,7 @@ class AvatarWork:
     features: torch.Tensor
     audio: np.ndarray
     latents: torch.Tensor | None = None
-    frames: np.ndarray | None = None
+    frames: torch.Tensor | None = None  # uint8 [N, H, W, 3] on the device until finish_block
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -181,21 +181,26 @@ class LiveAvatar(Family):
 
     def _decode(self, row: Row) -> None:
         t0 = self.stage_clock()
-        row.work.frames = self.decode_block(row.state.decoder, row.work.index, row.work.latents,
+        row.work.frames = self.decode_block_device(row.state.decoder, row.work.index, row.work.latents,
                                             row.state.stream.ref_latent)
         row.work.timings["decode"] = self.stage_clock() - t0
 
     def decode_block(self, decoder: StreamingDecoder, block: int, latents: torch.Tensor,
                      ref_latent: torch.Tensor) -> np.ndarray:
-        """uint8 frames of block `block` (streaming decode); block 0 opens with the lead frames."""
+        """uint8 frames of block `block` (streaming decode) as a host copy; block 0 opens with the lead frames."""
+        return self.decode_block_device(decoder, block, latents, ref_latent).cpu().numpy()
+
+    def decode_block_device(self, decoder: StreamingDecoder, block: int, latents: torch.Tensor,
+                            ref_latent: torch.Tensor) -> torch.Tensor:
+        """decode_block's frames left on the device: the decode lane never waits for the host copy."""
         dtype = self.vae.dtype
         with torch.no_grad():
-            frames = frames_uint8(decoder.decode(latents.to(dtype)))
+            frames = frames_uint8_device(decoder.decode(latents.to(dtype)))
             if block != 0:
                 return frames
             # the reference as the VAE shows it (the look of the frames after it), held still
-            still = frames_uint8(self.vae.decode_offline(ref_latent[:1].to(dtype)))
-        return np.concatenate([np.repeat(still[:1], self.lead_frames, axis=0), frames])
+            still = frames_uint8_device(self.vae.decode_offline(ref_latent[:1].to(dtype)))
+        return torch.cat([still[:1].expand(self.lead_frames, -1, -1, -1), frames])
 
     def finish_block(self, row: Row) -> VideoBlock:
         w = row.work
@@ -203,7 +208,8 @@ class LiveAvatar(Family):
         v0 = self.timeline.first_frame(w.index)
         timings = {**row.timings, **w.timings}
         timings["total"] = sum(timings.get(k, 0.0) for k in ("audio", "denoise", "decode"))
-        return VideoBlock(index=w.index, frames=w.frames, first_frame=v0, pts=v0 / VIDEO_FPS, audio=w.audio,
+        frames = w.frames.cpu().numpy()  # the copy-out (postprocess): waits for this block's decode
+        return VideoBlock(index=w.index, frames=frames, first_frame=v0, pts=v0 / VIDEO_FPS, audio=w.audio,
                           timings=timings)
 
 

@@ -203,6 +203,14 @@ class LiveTalkStages(Family):
         return tasks
 
 
+def _pin_mask(pinned: list[bool], device: torch.device) -> torch.Tensor:
+    """[batch, 1, 1, 1, 1] bool, filled on the device: torch.tensor(list, device=) is a blocking upload."""
+    mask = torch.zeros(len(pinned), 1, 1, 1, 1, dtype=torch.bool, device=device)
+    for row in (j for j, p in enumerate(pinned) if p):
+        mask[row] = True
+    return mask
+
+
 class _Round:
     """One round's batched inputs and stage bodies (see the module docstring)."""
 
@@ -224,8 +232,7 @@ class _Round:
             cond=torch.cat([w.inputs.cond if w else zero_cond for w in works]),
             audio=torch.cat([w.inputs.audio if w else torch.zeros_like(like.inputs.audio) for w in works]),
             ref_latent=torch.cat([r if r is not None else zero_ref for r in ref]) if pinned else None,
-            pin=torch.tensor([r is not None for r in ref], device=family.device).view(-1, 1, 1, 1, 1) if pinned
-            else None)
+            pin=_pin_mask([r is not None for r in ref], family.device) if pinned else None)
         plans = [w.host_plan if w else idle_plan for w in works]
         self.host_plan = BlockPlan(*(torch.cat([getattr(p, name) for p in plans])
                                      for name in ("write_slots", "slot_pos", "q_pos")))
