@@ -52,6 +52,34 @@ def test_fp8_linear_is_the_quantized_product(granularity):
     assert rel_err(out, linear(x)) < 0.08
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_fp8_linear_with_bias_obeys_the_cuda_scaled_mm_rules(monkeypatch, granularity, dtype):
+    """CUDA's `_scaled_mm` refuses a bias with a float32 output and rowwise scales take none (the CPU
+    kernel accepts both): with those refusals replayed here, an fp32 or bf16 layer still works and
+    equals the emulated product."""
+    real = torch._scaled_mm
+
+    def cuda_rules(a, b, *, scale_a, scale_b, bias=None, out_dtype=None, **kw):
+        if bias is not None and out_dtype == torch.float32:
+            raise RuntimeError("Bias is not supported when out_dtype is set to Float32")
+        if bias is not None and scale_a.numel() > 1:
+            raise RuntimeError("rowwise scaled_mm takes no bias")
+        return real(a, b, scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype, **kw)
+
+    monkeypatch.setattr(torch, "_scaled_mm", cuda_rules)
+    g = torch.Generator().manual_seed(1)
+    linear = nn.Linear(32, 16)
+    nn.init.normal_(linear.bias, std=2.0, generator=g)
+    layer = Fp8Linear(linear, granularity)
+    x = torch.randn(5, 32, generator=g).to(dtype)
+    out = layer(x)
+    assert out.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), emulated(layer, x.float()), atol=tol, rtol=tol)
+    assert fp8.fuses_bias(granularity, dtype) == (granularity == "tensor" and dtype == torch.bfloat16)
+
+
 def test_rowwise_scaling_keeps_small_tokens_when_one_token_is_large():
     """Per-tensor scaling shares one scale with an outlier token: 1e5 times louder pushes the others
     into E4M3's subnormals (below 2^-6). Per-token scaling does not care."""

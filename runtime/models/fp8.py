@@ -49,6 +49,13 @@ def quantize_e4m3(x: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torc
     return q, scale
 
 
+def fuses_bias(granularity: str, out_dtype: torch.dtype) -> bool:
+    """Whether `_scaled_mm` may add the bias itself. On CUDA it refuses a bias with a float32 output
+    ("Bias is not supported when out_dtype is set to Float32") and the rowwise kernels take none, so
+    those add it after the product (one elementwise pass)."""
+    return granularity == "tensor" and out_dtype in (torch.bfloat16, torch.float16)
+
+
 class Fp8Linear(nn.Module):
     """A frozen nn.Linear with an E4M3 weight; forward quantizes its input and calls `_scaled_mm`."""
 
@@ -72,7 +79,7 @@ class Fp8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         x8, x_scale = quantize_e4m3(x2, self.granularity)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        fused_bias = bias if self.granularity == "tensor" else None  # rowwise kernels: bias added after
+        fused_bias = bias if fuses_bias(self.granularity, x.dtype) else None
         out = torch._scaled_mm(x8, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale,
                                bias=fused_bias, out_dtype=x.dtype)
         if bias is not None and fused_bias is None:
