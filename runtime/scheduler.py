@@ -389,8 +389,3 @@ def _device_index(device) -> int:
         index = int(device.split(":")[1]) if ":" in device else None
     return -1 if index is None else int(index)
 
-
-# The per-block stage API, a thin layer over RoundRunner (used by runtime/scheduled.py).
-from .scheduler_blocks import Plan, Scheduler, Stage, on_stream, plan, prev
-
-__all__ += ["Plan", "Scheduler", "Stage", "on_stream", "plan", "prev"]
