@@ -404,7 +404,7 @@ def test_sessions_of_one_engine_take_text_prompts(engine, image, speech):
     """Three sessions batched in one engine's rounds, each with its own prompt (text or embeddings)."""
     text, other = "a woman smiles at the camera", "a man nods"
     want = first_block(engine, image, speech, prompt=text)
-    engine.close()   # the one-session shorthand's session: the three below are alone in their rounds
+    engine._default_session().close()  # the one-session shorthand's session ends; the three below batch
     prompts = [{"prompt": text}, {"prompt_embeds": engine.encode_prompt(text)}, {"prompt": other}]
     sessions = [engine.open(image, seed=3, **p) for p in prompts]
     try:
@@ -413,7 +413,9 @@ def test_sessions_of_one_engine_take_text_prompts(engine, image, speech):
     finally:
         for s in sessions:
             s.close()
-    np.testing.assert_array_equal(frames[0], frames[1])  # same prompt as text and as embeddings
+    # same prompt as text and as embeddings, in rows 0 and 1 of one batched GEMM: the CPU kernels may
+    # round a row differently by its position (docs/engine.md), by at most one level
+    assert np.abs(frames[0] - frames[1]).max() <= 1
     assert np.abs(frames[0] - want).max() <= 1  # batched rows vs one row: float rounding (docs/engine.md)
     assert np.abs(frames[2] - frames[0]).max() > 1
 
