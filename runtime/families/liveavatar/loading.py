@@ -35,7 +35,7 @@ RELEASE_LAYOUT = ("Wan2.2-S2V-14B/ (diffusion_pytorch_model-0000N-of-0000M.safet
 
 @dataclass(frozen=True)
 class ReleaseFiles:
-    """Where the Live Avatar release files are (LiveAvatarEngine.from_pretrained's four arguments)."""
+    """Where the Live Avatar release files are (what `Engine.from_pretrained(dir)` loads)."""
 
     trunk: Path    # the directory holding the trunk shards and their index json
     lora: Path     # liveavatar.safetensors
