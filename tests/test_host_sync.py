@@ -11,13 +11,13 @@ counting them here catches a new sync before any GPU sees it.
 from __future__ import annotations
 
 import contextlib
+import traceback
 
-import numpy as np
 import pytest
 import torch
 
 from runtime.engine import Engine
-from runtime.media import synthetic_face
+from runtime.media import synth_speech_like, synthetic_face
 
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
 UPLOADS = ("tensor", "as_tensor")
@@ -32,8 +32,6 @@ class HostSyncCounter:
 
     def _record(self, name: str) -> None:
         if self.active:
-            import traceback
-
             frame = next((f for f in reversed(traceback.extract_stack()[:-2])
                           if "/runtime/" in f.filename or "/avatar_kernels/" in f.filename), None)
             self.calls.setdefault(name, []).append(f"{frame.filename}:{frame.lineno}" if frame else "?")
@@ -78,7 +76,7 @@ def _count_per_block(monkeypatch, engine: Engine, seconds: float) -> tuple[int, 
 
     monkeypatch.setattr(family, "finish_block", finish_block)
     rate = engine.sample_rate
-    audio = (0.2 * np.sin(np.arange(int(seconds * rate)) / rate * 2 * np.pi * 220)).astype(np.float32)
+    audio = synth_speech_like(seconds, rate)
     blocks = []
     with engine.open(synthetic_face(*engine.size[::-1])) as session:
         chunk = rate // 4

@@ -14,6 +14,7 @@ import torch
 
 from runtime import Engine
 from runtime.config import EngineConfig
+from runtime.media import synth_speech_like
 
 
 def _rss_bytes() -> int:
@@ -57,11 +58,6 @@ def test_many_sessions_on_one_engine_keep_memory_flat():
     assert _rss_bytes() - rss0 < 32 * 2 ** 20, (rss0, _rss_bytes())
 
 
-def _speech(rate: int, seconds: float) -> np.ndarray:
-    t = np.arange(int(rate * seconds)) / rate
-    return (0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
-
-
 # Family 1's 1000 open/close cycles are tests/test_engine_batching.py's. Family 2's open() VAE-encodes
 # the reference twice (~0.8 s at liveavatar-tiny on 2 cores), so it runs 25 cycles, every 5th streaming.
 # Its warm-up is short and glibc's per-thread arenas (the round runner's lane threads) still grow by up
@@ -70,7 +66,7 @@ def test_liveavatar_open_close_cycles_keep_memory_flat():
     with Engine.from_pretrained("liveavatar-tiny", device="cpu", dtype=torch.float32,
                                 config="liveavatar-tiny") as eng:
         image = np.random.default_rng(0).integers(0, 256, (*eng.size, 3), dtype=np.uint8)
-        audio = _speech(eng.sample_rate, 1.0)
+        audio = synth_speech_like(1.0, eng.sample_rate)
 
         def cycle(i: int) -> None:
             session = eng.open(image, seed=i)

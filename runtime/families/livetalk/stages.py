@@ -206,8 +206,9 @@ class LiveTalkStages(Family):
 def _pin_mask(pinned: list[bool], device: torch.device) -> torch.Tensor:
     """[batch, 1, 1, 1, 1] bool, filled on the device: torch.tensor(list, device=) is a blocking upload."""
     mask = torch.zeros(len(pinned), 1, 1, 1, 1, dtype=torch.bool, device=device)
-    for row in (j for j, p in enumerate(pinned) if p):
-        mask[row] = True
+    for row, pin in enumerate(pinned):
+        if pin:
+            mask[row] = True  # a fill on the device
     return mask
 
 
