@@ -36,7 +36,12 @@ from ._triton_util import (
     tl,
     uses,
 )
-from .rope import apply_rope, device_inv_freqs, frame_only, rope_angles, rope_split
+from .rope import apply_rope, device_inv_freqs, device_spatial_cos_sin, frame_only, rope_angles, rope_split
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - no triton, or one without host-side tensor descriptors
+    TensorDescriptor = None
 
 INVALID_POS = -(2 ** 31)
 
@@ -73,165 +78,249 @@ def window_attention_reference(q: torch.Tensor, k_ring: torch.Tensor, v_ring: to
 
 
 # --------------------------------------------------------------------------------------------------
-# Triton kernel
+# Triton kernels
 #
-# One program owns BLOCK_M query rows of one (batch, head) and walks the ring in place: an outer loop
-# over the S slots (empty ones skipped by a branch), an inner loop over BLOCK_N-token tiles of the
-# slot's frame, so key n = s * T + t is read at its own ring row (wrap-around is just the slot order;
-# nothing is gathered or concatenated).
+# One program owns BLOCK_M query rows of one (batch, head) and one share of the ring's key tiles. The
+# ring is read in place: key n = s * T + t sits at its own ring row (wrap-around is just the slot
+# order; nothing is gathered or concatenated).
 #
-# RoPE costs nothing in the inner loop. Keys arrive with their height/width rotation (written so by
-# the KV-write kernel); what is left is the slot's frame rotation R(theta_s), the same for every key of
-# the slot. Since (R_q q) . (R(theta_s) k) = (R(-theta_s) R_q q) . k, it is applied to the query tile
-# instead, once per slot: BLOCK_M rows per slot instead of T rows per slot, and the inner loop is a
-# plain FlashAttention-2 step. Only the frame pairs turn with the slot, and they all lie in the low
-# half of the head dim (rope_split: 44 of 128 channels), so q is kept in two halves: the high half
-# rotated once and kept as an MMA operand, the low half kept as fp32 (even, odd) pairs and re-rotated
-# per slot. QK^T is two MMAs of K = D/2 (the same MMA work as one of K = D). Angles are pos * inv_freq
-# in fp32 from the same `[D/2]` inverse frequencies as the reference, and R(-theta_s) R_q is two
-# rotations with the reference's own cos/sin (not one of the angle difference), so nothing drifts at
-# large positions.
-# Softmax is the FlashAttention-2 online form in base 2 with fp32 statistics and accumulator.
+# RoPE costs nothing per key. Keys arrive with their height/width rotation (written so by the KV-write
+# kernel); what is left is the slot's frame rotation R(theta_s), the same for every key of the slot.
+# Since (R_q q) . (R(theta_s) k) = (R(theta_s)^T R_q q) . k, it is applied to the query tile instead,
+# once per slot. The frame pairs all lie in the low half of the head dim (rope_split: 44 of 128
+# channels), so the high half of q is rotated once (height/width only) and the low half is re-read
+# and rotated whenever the slot changes, by cos/sin from tables (no sin/cos in this kernel): the
+# height/width pairs from the `[T, D/2]` spatial table, the frame pairs from a per-call
+# `[B, Fq, S, N_FRAME]` table of R(theta_s)^T R(theta_f) built by `_slot_table_kernel` as products of
+# the reference's own cos/sin (not the cos of an angle difference, so nothing drifts at large
+# positions). The two halves are joined into one natural-layout q tile: QK^T is one MMA, K = head_dim.
+#
+# One loop over every key tile of every valid slot. `_slot_table_kernel` lists the valid slots
+# first (`order`, `count`), so iteration `it` is tile it % TILES of slot order[it // TILES], empty
+# slots cost nothing and are never read, and Triton's software pipeline (num_stages) runs across slot
+# boundaries instead of restarting cold per slot. The query re-rotation is a branch taken on the
+# first tile of each slot. The partial last tile of a frame (T = 1560 at 480x832) is masked to -inf in
+# a branch taken only on that tile; its K/V rows past the frame are zero-filled by TMA (the descriptor
+# is [B, S, T, H, D], so they are out of bounds) or masked off in the pointer path.
+#
+# Split over keys (flash-decoding): grid axis 2 cuts the flattened iteration range into SPLIT equal
+# shares so that the grid fills the GPU (see `_splits_for`); each share writes its unnormalised
+# (acc, m, l) and `_merge_splits_kernel` combines them. With SPLIT == 1 the kernel writes the output.
+#
+# Softmax: FlashAttention-2 online form in base 2 with fp32 statistics and accumulator; the scale
+# D^-0.5 * log2(e) is folded into q before its rounding to the MMA dtype, so the logits come out of the
+# MMA already in base 2.
 # --------------------------------------------------------------------------------------------------
-def _attend_key_tile(acc, m_i, l_i, q_lo, q_hi, k_base, v_base, first_row, n_left, stride_kl, stride_vl,
-                     qk_scale, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     MASK_TOKENS: tl.constexpr, DOT_PRECISION: tl.constexpr, MMA_DTYPE: tl.constexpr):
-    """One FlashAttention-2 step over ring rows first_row .. first_row + BLOCK_N (the first n_left
-    of them are keys of this slot: only read when MASK_TOKENS). QK^T is two MMAs of K = D/2."""
-    HALF: tl.constexpr = BLOCK_D // 2
+def _slot_table_kernel(slot_pos_ptr, q_pos_ptr, inv_freq_ptr, order_ptr, count_ptr, fcos_ptr, fsin_ptr,
+                       stride_sb, stride_ss, stride_pb, stride_pf, S, Fq,
+                       INVALID: tl.constexpr, N_FRAME: tl.constexpr, S_BLOCK: tl.constexpr,
+                       F_BLOCK: tl.constexpr):
+    """Per batch row b: order[b, :count[b]] = the valid slots in slot order; fcos/fsin[b, f, c, p] =
+    cos/sin of (theta_{q frame f} - theta_{slot order[c]}) on frame pair p, as
+    cos a cos b + sin a sin b and sin a cos b - cos a sin b of the reference's own angles."""
+    b = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, S_BLOCK)
+    pos = tl.load(slot_pos_ptr + b * stride_sb + s * stride_ss, mask=s < S, other=INVALID)
+    valid = pos != INVALID
+    rank = tl.cumsum(valid.to(tl.int32), 0) - 1
+    tl.store(order_ptr + b * S + rank, s, mask=valid)
+    tl.store(count_ptr + b, tl.sum(valid.to(tl.int32), 0))
+    p = tl.arange(0, F_BLOCK)
+    inv = tl.load(inv_freq_ptr + p, mask=p < N_FRAME, other=0.0)
+    ang_s = tl.where(valid, pos, 0).to(tl.float32)[:, None] * inv[None, :]          # [S_BLOCK, F_BLOCK]
+    cs = tl.cos(ang_s)
+    ss = tl.sin(ang_s)
+    ok = valid[:, None] & (p < N_FRAME)[None, :]
+    for f in range(Fq):
+        ang_f = tl.load(q_pos_ptr + b * stride_pb + f * stride_pf).to(tl.float32) * inv[None, :]
+        cf = tl.cos(ang_f)
+        sf = tl.sin(ang_f)
+        at = ((b * Fq + f) * S + rank[:, None]) * N_FRAME + p[None, :]
+        tl.store(fcos_ptr + at, cf * cs + sf * ss, mask=ok)
+        tl.store(fsin_ptr + at, sf * cs - cf * ss, mask=ok)
+
+
+def _rotate_pairs(x, c, s, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+    """x [BLOCK_M, WIDTH] fp32 with (even, odd) pairs interleaved, each pair turned by cos c / sin s
+    [BLOCK_M, WIDTH // 2]."""
+    e, o = tl.split(tl.reshape(x, (BLOCK_M, WIDTH // 2, 2)))
+    return tl.reshape(tl.join(e * c - o * s, e * s + o * c), (BLOCK_M, WIDTH))
+
+
+def _load_kv_tile(ptr, desc, b32, b, h, s, t0, T, stride_b, stride_l, stride_h,
+                  D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  EVEN_T: tl.constexpr, USE_TMA: tl.constexpr):
+    """Ring rows s * T + t0 .. + BLOCK_N of head h as [BLOCK_N, BLOCK_D]; rows past the frame and
+    columns past D read as zero (TMA: out of the descriptor's bounds; pointers: masked)."""
+    if USE_TMA:
+        return tl.reshape(desc.load([b32, s, t0, h, 0]), (BLOCK_N, BLOCK_D))
     j = tl.arange(0, BLOCK_N)
-    key_rows = (first_row + j)[:, None]
-    dim_lo = tl.arange(0, HALF)
-    dim_hi = HALF + dim_lo
     dim = tl.arange(0, BLOCK_D)
-    k_lo_ptrs = k_base + key_rows * stride_kl + dim_lo[None, :]
-    k_hi_ptrs = k_base + key_rows * stride_kl + dim_hi[None, :]
-    v_ptrs = v_base + key_rows * stride_vl + dim[None, :]
-    if MASK_TOKENS or D != BLOCK_D:
-        if MASK_TOKENS:
-            tok_ok = (j < n_left)[:, None]
-        else:
-            tok_ok = tl.full((BLOCK_N, 1), True, tl.int1)
-        k_lo = tl.load(k_lo_ptrs, mask=tok_ok & (dim_lo < D)[None, :], other=0.0)
-        k_hi = tl.load(k_hi_ptrs, mask=tok_ok & (dim_hi < D)[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=tok_ok & (dim < D)[None, :], other=0.0)
-    else:
-        k_lo = tl.load(k_lo_ptrs)
-        k_hi = tl.load(k_hi_ptrs)
-        v = tl.load(v_ptrs)
-    qk = tl.dot(q_lo, tl.trans(k_lo.to(MMA_DTYPE)), input_precision=DOT_PRECISION)
-    qk = tl.dot(q_hi, tl.trans(k_hi.to(MMA_DTYPE)), qk, input_precision=DOT_PRECISION)
-    if MASK_TOKENS:
-        qk = tl.where((j < n_left)[None, :], qk, float("-inf"))
-
-    # online softmax in base 2; qk_scale > 0 commutes with max, so the scale folds into one FMA.
-    # Every tile holds a valid key, so m_new is finite from the first tile on (where alpha =
-    # exp2(-inf) = 0).
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    p_mma = p.to(v_base.dtype.element_ty).to(MMA_DTYPE)
-    acc = tl.dot(p_mma, v.to(MMA_DTYPE), acc * alpha[:, None], input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
+    ptrs = ptr + b * stride_b + h * stride_h + (s * T + t0 + j)[:, None] * stride_l + dim[None, :]
+    if EVEN_T and D == BLOCK_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=((t0 + j) < T)[:, None] & (dim < D)[None, :], other=0.0)
 
 
-@uses(_attend_key_tile)
+def _rotated_low_half(q_base, rows, row_ok, q_frame, q_tok, scos_ptr, ssin_ptr, fcos_ptr, fsin_ptr,
+                      b, c, S, Fq, qk_scale, D: tl.constexpr, N_FRAME: tl.constexpr,
+                      BLOCK_M: tl.constexpr, HALF: tl.constexpr):
+    """Channels 0 .. HALF of q for slot order[c], fp32, scaled: frame pairs turned by
+    R(theta_s)^T R(theta_f) from the slot table, height/width pairs by the spatial table."""
+    pair = tl.arange(0, HALF // 2)
+    fr_ok = row_ok[:, None] & (pair < N_FRAME)[None, :]
+    sp_ok = row_ok[:, None] & ((pair >= N_FRAME) & (pair < D // 2))[None, :]
+    f_at = ((b * Fq + q_frame[:, None]) * S + c) * N_FRAME + pair[None, :]
+    s_at = q_tok[:, None] * (D // 2) + pair[None, :]
+    # each pair is in exactly one table: the other load gives 0 and the sum picks it
+    cos = tl.load(fcos_ptr + f_at, mask=fr_ok, other=0.0) + tl.load(scos_ptr + s_at, mask=sp_ok, other=0.0)
+    sin = tl.load(fsin_ptr + f_at, mask=fr_ok, other=0.0) + tl.load(ssin_ptr + s_at, mask=sp_ok, other=0.0)
+    dim = tl.arange(0, HALF)
+    x = tl.load(q_base + dim[None, :], mask=row_ok[:, None] & (dim < D)[None, :], other=0.0)
+    return _rotate_pairs(x.to(tl.float32), cos, sin, BLOCK_M, HALF) * qk_scale
+
+
+@uses(_rotate_pairs, _load_kv_tile, _rotated_low_half)
 def _window_attention_kernel(
-        q_ptr, k_ptr, v_ptr, o_ptr, slot_pos_ptr, q_pos_ptr, inv_freq_ptr,
+        q_ptr, k_ptr, v_ptr, k_desc, v_desc, o_ptr, m_ptr, l_ptr,
+        order_ptr, count_ptr, fcos_ptr, fsin_ptr, scos_ptr, ssin_ptr,
         stride_qb, stride_ql, stride_qh,
         stride_kb, stride_kl, stride_kh,
         stride_vb, stride_vl, stride_vh,
-        stride_ob, stride_ol, stride_oh,
-        stride_sb, stride_ss, stride_pb, stride_pf,
-        Lq, S, T, grid_w, qk_scale,
-        H: tl.constexpr, D: tl.constexpr, N_FRAME: tl.constexpr, N_HEIGHT: tl.constexpr,
-        INVALID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        EVEN_T: tl.constexpr, DOT_PRECISION: tl.constexpr, MMA_DTYPE: tl.constexpr):
-    HALF: tl.constexpr = BLOCK_D // 2          # channels per half of the head dim
-    PAIRS: tl.constexpr = BLOCK_D // 4         # rotation pairs per half
+        stride_os, stride_ob, stride_ol, stride_oh,
+        Lq, S, T, Fq, qk_scale,
+        H: tl.constexpr, D: tl.constexpr, N_FRAME: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        EVEN_T: tl.constexpr, SPLIT: tl.constexpr, USE_TMA: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, MMA_DTYPE: tl.constexpr):
+    HALF: tl.constexpr = BLOCK_D // 2
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)          # int64: batch offsets of a large ring overflow int32
+    pid_s = tl.program_id(2)
+    b32 = pid_bh // H
+    b = b32.to(tl.int64)                    # int64: batch offsets of a large ring overflow int32
     h = pid_bh % H
-
-    # ---- queries: rotate by their full 3-D angles, once, in fp32
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < Lq
     q_tok = rows % T
-    q_frame = tl.load(q_pos_ptr + b * stride_pb + (rows // T) * stride_pf, mask=row_ok, other=0)
-    q_frame = q_frame.to(tl.float32)[:, None]
-    q_row = (q_tok // grid_w).to(tl.float32)[:, None]
-    q_col = (q_tok % grid_w).to(tl.float32)[:, None]
+    q_frame = rows // T
     q_base = q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_ql
-    pair_lo = tl.arange(0, PAIRS)
-    pair_hi = PAIRS + pair_lo
-    inv_lo = tl.load(inv_freq_ptr + pair_lo, mask=pair_lo < D // 2, other=0.0)
-    inv_hi = tl.load(inv_freq_ptr + pair_hi, mask=pair_hi < D // 2, other=0.0)
-    dim_lo = tl.arange(0, HALF)
-    dim_hi = HALF + dim_lo
-    ang_lo = tl.where(pair_lo[None, :] < N_FRAME, q_frame,
-                      tl.where(pair_lo[None, :] < N_FRAME + N_HEIGHT, q_row, q_col)) * inv_lo[None, :]
-    ang_hi = tl.where(pair_hi[None, :] < N_FRAME + N_HEIGHT, q_row, q_col) * inv_hi[None, :]
-    q = tl.load(q_base + dim_lo[None, :], mask=row_ok[:, None] & (dim_lo < D)[None, :], other=0.0)
-    e, o = tl.split(tl.reshape(q.to(tl.float32), (BLOCK_M, PAIRS, 2)))
-    c_lo = tl.cos(ang_lo)
-    s_lo = tl.sin(ang_lo)
-    q_lo_even = e * c_lo - o * s_lo            # kept in fp32: re-rotated per slot
-    q_lo_odd = e * s_lo + o * c_lo
-    q = tl.load(q_base + dim_hi[None, :], mask=row_ok[:, None] & (dim_hi < D)[None, :], other=0.0)
-    e, o = tl.split(tl.reshape(q.to(tl.float32), (BLOCK_M, PAIRS, 2)))
-    c_hi = tl.cos(ang_hi)
-    s_hi = tl.sin(ang_hi)
-    # rounded to the input dtype like every MMA operand (MMA_DTYPE only differs in the interpreter)
-    q_hi = tl.reshape(tl.join(e * c_hi - o * s_hi, e * s_hi + o * c_hi),
-                      (BLOCK_M, HALF)).to(q_ptr.dtype.element_ty).to(MMA_DTYPE)
+
+    # ---- high half of q: height/width pairs only, the same for every slot: rotated once
+    pair = tl.arange(0, HALF // 2)
+    hp = HALF // 2 + pair
+    hp_ok = row_ok[:, None] & (hp < D // 2)[None, :]
+    s_at = q_tok[:, None] * (D // 2) + hp[None, :]
+    dim_hi = HALF + tl.arange(0, HALF)
+    x = tl.load(q_base + dim_hi[None, :], mask=row_ok[:, None] & (dim_hi < D)[None, :], other=0.0)
+    q_hi = _rotate_pairs(x.to(tl.float32), tl.load(scos_ptr + s_at, mask=hp_ok, other=0.0),
+                         tl.load(ssin_ptr + s_at, mask=hp_ok, other=0.0), BLOCK_M, HALF) * qk_scale
+    q_hi = q_hi.to(q_ptr.dtype.element_ty)   # rounded to the input dtype like every MMA operand
+
+    # ---- this program's share of the flattened (valid slot, key tile) iterations
+    tiles = tl.cdiv(T, BLOCK_N)
+    n_iter = tl.load(count_ptr + b) * tiles
+    share = tl.cdiv(n_iter, SPLIT)
+    it_start = pid_s * share
+    it_end = tl.minimum(it_start + share, n_iter)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    q = tl.zeros((BLOCK_M, BLOCK_D), MMA_DTYPE)
+    j = tl.arange(0, BLOCK_N)
+    for it in range(it_start, it_end):
+        c = it // tiles
+        t0 = (it - c * tiles) * BLOCK_N
+        s = tl.load(order_ptr + b * S + c)
+        if (t0 == 0) | (it == it_start):    # a new slot: turn the low half of q to its frame
+            q_lo = _rotated_low_half(q_base, rows, row_ok, q_frame, q_tok, scos_ptr, ssin_ptr, fcos_ptr,
+                                     fsin_ptr, b, c, S, Fq, qk_scale, D, N_FRAME, BLOCK_M, HALF)
+            # [lo | hi] along the head dim (MMA_DTYPE differs from the input dtype only in the interpreter)
+            q = tl.join(q_lo.to(q_ptr.dtype.element_ty), q_hi)
+            q = tl.reshape(tl.permute(q, (0, 2, 1)), (BLOCK_M, BLOCK_D)).to(MMA_DTYPE)
+        k = _load_kv_tile(k_ptr, k_desc, b32, b, h, s, t0, T, stride_kb, stride_kl, stride_kh,
+                          D, BLOCK_N, BLOCK_D, EVEN_T, USE_TMA)
+        v = _load_kv_tile(v_ptr, v_desc, b32, b, h, s, t0, T, stride_vb, stride_vl, stride_vh,
+                          D, BLOCK_N, BLOCK_D, EVEN_T, USE_TMA)
+        qk = tl.dot(q, tl.trans(k.to(MMA_DTYPE)), input_precision=DOT_PRECISION)   # base-2 logits
+        if not EVEN_T:  # noqa: SIM102 - a compile-time branch around a run-time one
+            if t0 + BLOCK_N > T:             # the frame's partial last tile: keys past T are not keys
+                qk = tl.where((t0 + j < T)[None, :], qk, float("-inf"))
+        # every tile holds a valid key, so m_new is finite from the first tile on (alpha = 0 there)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p_mma = p.to(q_ptr.dtype.element_ty).to(MMA_DTYPE)
+        acc = tl.dot(p_mma, v.to(MMA_DTYPE), acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
     dim = tl.arange(0, BLOCK_D)
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
-    is_frame = pair_lo < N_FRAME
+    o_ptrs = (o_ptr + pid_s * stride_os + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol
+              + dim[None, :])
+    o_ok = row_ok[:, None] & (dim < D)[None, :]
+    if SPLIT == 1:
+        # a row that saw no valid slot has l = 0 and gets NaN, like the reference
+        tl.store(o_ptrs, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=o_ok)
+    else:
+        tl.store(o_ptrs, acc, mask=o_ok)
+        stat = (pid_s * tl.num_programs(1) + pid_bh).to(tl.int64) * Lq + rows
+        tl.store(m_ptr + stat, m_i, mask=row_ok)
+        tl.store(l_ptr + stat, l_i, mask=row_ok)
 
-    for s in range(S):
-        pos = tl.load(slot_pos_ptr + b * stride_sb + s * stride_ss)
-        if pos != INVALID:                   # an empty slot is skipped, never read (it may hold NaN)
-            # R(-theta_s) on the frame pairs (angle 0, the identity, on the others)
-            ang = tl.where(is_frame, pos.to(tl.float32) * inv_lo, 0.0)
-            c = tl.cos(ang)[None, :]
-            sn = tl.sin(ang)[None, :]
-            q_lo = tl.reshape(tl.join(q_lo_even * c + q_lo_odd * sn, q_lo_odd * c - q_lo_even * sn),
-                              (BLOCK_M, HALF)).to(q_ptr.dtype.element_ty).to(MMA_DTYPE)
-            # whole key tiles without token masks (pipelined), then the partial last one, if any
-            for tile_start in range(0, T - T % BLOCK_N, BLOCK_N):
-                acc, m_i, l_i = _attend_key_tile(
-                    acc, m_i, l_i, q_lo, q_hi, k_base, v_base, s * T + tile_start, T - tile_start,
-                    stride_kl, stride_vl, qk_scale, D, BLOCK_N, BLOCK_D, False, DOT_PRECISION, MMA_DTYPE)
-            if not EVEN_T:
-                tail = T - T % BLOCK_N
-                acc, m_i, l_i = _attend_key_tile(
-                    acc, m_i, l_i, q_lo, q_hi, k_base, v_base, s * T + tail, T - tail,
-                    stride_kl, stride_vl, qk_scale, D, BLOCK_N, BLOCK_D, True, DOT_PRECISION, MMA_DTYPE)
 
-    # a row that saw no valid slot has l = 0 and gets NaN, like the reference
-    out = acc / l_i[:, None]
+def _merge_splits_kernel(part_ptr, m_ptr, l_ptr, o_ptr,
+                         stride_ps, stride_pb, stride_pl, stride_ph, stride_ob, stride_ol, stride_oh, Lq,
+                         H: tl.constexpr, D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    """out = sum_i 2^(m_i - M) acc_i / sum_i 2^(m_i - M) l_i over the splits, M = max_i m_i. A row
+    with no valid key anywhere has M = -inf and gets NaN (2^(-inf - -inf)), like the reference."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < Lq
+    dim = tl.arange(0, BLOCK_D)
+    ok = row_ok[:, None] & (dim < D)[None, :]
+    bh_rows = pid_bh.to(tl.int64) * Lq + rows
+    split_stride = tl.num_programs(1).to(tl.int64) * Lq
+    m_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    for i in range(SPLIT):
+        m_max = tl.maximum(m_max, tl.load(m_ptr + i * split_stride + bh_rows, mask=row_ok, other=0.0))
+    l_sum = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    part = part_ptr + b * stride_pb + h * stride_ph + rows[:, None] * stride_pl + dim[None, :]
+    for i in range(SPLIT):
+        w = tl.math.exp2(tl.load(m_ptr + i * split_stride + bh_rows, mask=row_ok, other=0.0) - m_max)
+        l_sum += w * tl.load(l_ptr + i * split_stride + bh_rows, mask=row_ok, other=0.0)
+        acc += w[:, None] * tl.load(part + i * stride_ps, mask=ok, other=0.0)
     o_ptrs = o_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + dim[None, :]
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (dim < D)[None, :])
+    tl.store(o_ptrs, (acc / l_sum[:, None]).to(o_ptr.dtype.element_ty), mask=ok)
 
 
 # --------------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------------
+# Resident CTAs per SM of the default GPU tiles (registers and shared memory, from sm_90 SASS; see
+# benchmarks.sass_report, which recomputes it). Used only to size the split.
+CTAS_PER_SM = 1
+MAX_SPLITS = 8
+
+
 @dataclass(frozen=True)
 class AttentionConfig:
-    """Tile sizes and launch shape of the Triton window attention."""
+    """Tile sizes and launch shape of the Triton window attention. `splits`: key-range shares per
+    query tile (0: chosen from the SM count, `plan_splits`); `tma`: K/V through TMA tensor descriptors
+    where the inputs allow (16-byte aligned base and strides), else pointer loads."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    splits: int = 0
+    tma: bool = True
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -242,6 +331,8 @@ class AttentionConfig:
             raise ValueError(f"AttentionConfig.num_warps must be a power of two <= 16, got {self.num_warps}")
         if self.num_stages < 1:
             raise ValueError(f"AttentionConfig.num_stages must be >= 1, got {self.num_stages}")
+        if not 0 <= self.splits <= MAX_SPLITS:
+            raise ValueError(f"AttentionConfig.splits must be in [0, {MAX_SPLITS}] (0: auto), got {self.splits}")
 
 
 # Interpreter: numpy runs a whole tile per op, so the smallest MMA-legal tiles keep CPU tests quick
@@ -249,17 +340,36 @@ class AttentionConfig:
 _INTERPRETER_CONFIG = AttentionConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
 # GPU, 16-bit inputs, head_dim <= 128 (the real shape is 128). Chosen offline from sm_90 SASS (no GPU
 # was available; reproduce with `python -m benchmarks.sass_report`): 128 query rows over 8 warps
-# (two warpgroups of m64 wgmma) keep the fp32 accumulator at 64 registers a thread. With no rotation
-# left in the key loop, BLOCK_N 128 fits too: 255 registers, no spills in the loop, ~550 SASS
-# instructions a thread per 128 keys against ~365 per 64 keys at BLOCK_N 64 (the loop's fixed cost -
-# barriers, pipeline bookkeeping, the alpha rescale of the accumulator - is paid half as often).
-# Both run one CTA per SM. Two stages of 128-key K/V tiles take 160 KB of shared memory.
-# benchmarks/bench_kernels.py sweeps the alternatives on a GPU; its numbers overrule this choice.
+# (two warpgroups of m64 wgmma) keep the fp32 accumulator at 64 registers a thread; 128-key tiles
+# pay the loop's fixed cost (barriers, the alpha rescale) half as often as 64-key ones. Two stages of
+# 128-key K/V tiles are 128 KB of shared memory: one CTA per SM (`CTAS_PER_SM`), which is why the
+# grid is split over keys. benchmarks/bench_kernels.py sweeps the alternatives on a GPU; its numbers
+# overrule this choice.
 _GPU_CONFIG = AttentionConfig(block_m=128, block_n=128, num_warps=8, num_stages=2)
 # GPU, head_dim above 128 or fp32 inputs: tiles twice as wide in bytes, so halve them.
 _GPU_CONFIG_WIDE = AttentionConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+# A split costs an fp32 round trip of the partial outputs (about 3 % of the kernel's time per extra
+# share at the real shape) and buys a fuller last wave; stop at the first split this efficient.
+_GOOD_WAVES = 0.9
 
 _OP = "window_attention_triton"
+
+
+def wave_efficiency(ctas: int, slots: int) -> float:
+    """Busy fraction of the GPU over the waves a grid of `ctas` equal CTAs takes on `slots`
+    (= SMs x resident CTAs per SM) CTA slots."""
+    return ctas / (cdiv(ctas, slots) * slots)
+
+
+def plan_splits(query_tiles: int, n_sm: int, ctas_per_sm: int = CTAS_PER_SM, max_splits: int = MAX_SPLITS) -> int:
+    """The smallest key split whose grid (query_tiles x splits CTAs) runs at >= 90 % wave efficiency,
+    else the most efficient one up to `max_splits`."""
+    slots = n_sm * ctas_per_sm
+    best = max(range(1, max_splits + 1), key=lambda s: (wave_efficiency(query_tiles * s, slots), -s))
+    for s in range(1, max_splits + 1):
+        if wave_efficiency(query_tiles * s, slots) >= _GOOD_WAVES:
+            return s
+    return best
 
 
 def default_attention_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> AttentionConfig:
@@ -268,6 +378,15 @@ def default_attention_config(head_dim: int, dtype: torch.dtype, device: torch.de
     if dtype == torch.float32 or head_dim > 128:
         return _GPU_CONFIG_WIDE
     return _GPU_CONFIG
+
+
+_sm_counts: dict[torch.device, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device not in _sm_counts:
+        _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_counts[device]
 
 
 def _mma_dtype(dtype: torch.dtype):
@@ -306,6 +425,38 @@ def _check_attention_inputs(q, k_ring, v_ring, slot_pos, q_pos, grid_h, grid_w) 
         check_last_dim_contiguous(_OP, name, t)
 
 
+def _kv_descriptor(ring: torch.Tensor, S: int, T: int, cfg: AttentionConfig, block_d: int):
+    """A TMA descriptor of the ring as [B, S, T, H, D] (rows past a frame's T tokens are out of
+    bounds and read as zero), or None where TMA cannot take it: not wanted, a Triton without
+    descriptors, a base or stride that is not 16-byte aligned."""
+    if not cfg.tma or TensorDescriptor is None:
+        return None
+    B, _, H, D = ring.shape
+    sb, sl, sh, _ = ring.stride()
+    strides = [sb, T * sl, sl, sh, 1]
+    if ring.data_ptr() % 16 or any(st * ring.element_size() % 16 for st in strides[:-1]):
+        return None
+    return TensorDescriptor(ring, [B, S, T, H, D], strides, [1, 1, cfg.block_n, 1, block_d])
+
+
+def _slot_tables(slot_pos, q_pos, D, theta, n_frame):
+    """order [B, S] int32 (valid slots first), count [B] int32, and the frame cos/sin tables
+    [B, Fq, S, n_frame] fp32, from one launch of `_slot_table_kernel`."""
+    B, S = slot_pos.shape
+    Fq = q_pos.shape[1]
+    dev = slot_pos.device
+    order = torch.zeros(B, S, dtype=torch.int32, device=dev)
+    count = torch.empty(B, dtype=torch.int32, device=dev)
+    fcos = torch.empty(B, Fq, S, n_frame, dtype=torch.float32, device=dev)
+    fsin = torch.empty_like(fcos)
+    compiled(_slot_table_kernel)[(B,)](
+        slot_pos, q_pos, device_inv_freqs(D, theta, dev), order, count, fcos, fsin,
+        slot_pos.stride(0), slot_pos.stride(1), q_pos.stride(0), q_pos.stride(1), S, Fq,
+        INVALID=INVALID_POS, N_FRAME=n_frame, S_BLOCK=max(16, next_pow2(S)),
+        F_BLOCK=max(16, next_pow2(n_frame)), num_warps=1)
+    return order, count, fcos, fsin
+
+
 def window_attention_triton(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor,
                             slot_pos: torch.Tensor, q_pos: torch.Tensor, grid_h: int, grid_w: int,
                             theta: float = 10000.0, scale: float | None = None, *,
@@ -337,24 +488,42 @@ def window_attention_triton(q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch
     block_d = next_pow2(D)
     if device.type == "cuda" and block_d < 32:
         raise ValueError(f"{_OP}: head_dim {D} is too small for GPU MMA tiles (need >= 32, each "
-                         "even/odd half is an MMA operand with K >= 16)")
-    n_frame, n_height, _ = (p // 2 for p in rope_split(D))
-    if 2 * n_frame > block_d // 2:  # pragma: no cover - rope_split keeps the frame part below D/2
+                         "half of q is built with K >= 16)")
+    n_frame = rope_split(D)[0] // 2
+    if n_frame > block_d // 4:  # pragma: no cover - rope_split keeps the frame part below D/2
         raise ValueError(f"{_OP}: the frame part of RoPE at head_dim {D} does not fit the low half")
-    scale = D ** -0.5 if scale is None else float(scale)
-    grid = (cdiv(Lq, cfg.block_m), B * H)
-    compiled(_window_attention_kernel)[grid](
-        q, k_ring, v_ring, out, slot_pos, q_pos, device_inv_freqs(D, theta, device),
+    qk_scale = (D ** -0.5 if scale is None else float(scale)) * math.log2(math.e)
+    query_tiles = cdiv(Lq, cfg.block_m)
+    splits = cfg.splits or (plan_splits(query_tiles * B * H, _sm_count(device)) if device.type == "cuda" else 1)
+
+    order, count, fcos, fsin = _slot_tables(slot_pos, q_pos, D, theta, n_frame)
+    scos, ssin = device_spatial_cos_sin(grid_h, grid_w, D, theta, device)
+    k_desc, v_desc = (_kv_descriptor(r, S, T, cfg, block_d) for r in (k_ring, v_ring))
+    use_tma = k_desc is not None and v_desc is not None
+    if splits == 1:
+        dest, m_part, l_part = out, out, out          # m/l unused with one share
+        dest_strides = (0, out.stride(0), out.stride(1), out.stride(2))
+    else:
+        dest = torch.empty(splits, B, H, Lq, D, dtype=torch.float32, device=device)
+        m_part = torch.empty(splits, B * H, Lq, dtype=torch.float32, device=device)
+        l_part = torch.empty_like(m_part)
+        dest_strides = (dest.stride(0), dest.stride(1), dest.stride(3), dest.stride(2))
+    compiled(_window_attention_kernel)[(query_tiles, B * H, splits)](
+        q, k_ring, v_ring, k_desc if use_tma else None, v_desc if use_tma else None, dest, m_part, l_part,
+        order, count, fcos, fsin, scos, ssin,
         q.stride(0), q.stride(1), q.stride(2),
         k_ring.stride(0), k_ring.stride(1), k_ring.stride(2),
         v_ring.stride(0), v_ring.stride(1), v_ring.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        slot_pos.stride(0), slot_pos.stride(1), q_pos.stride(0), q_pos.stride(1),
-        Lq, S, T, grid_w, scale * math.log2(math.e),
-        H=H, D=D, N_FRAME=n_frame, N_HEIGHT=n_height, INVALID=INVALID_POS,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, EVEN_T=T % cfg.block_n == 0,
+        *dest_strides, Lq, S, T, q_pos.shape[1], qk_scale,
+        H=H, D=D, N_FRAME=n_frame, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        EVEN_T=T % cfg.block_n == 0, SPLIT=splits, USE_TMA=use_tma,
         # fp32 inputs get true fp32 products (tf32 would cost ~3 decimal digits)
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         MMA_DTYPE=_mma_dtype(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION)
+    if splits > 1:
+        compiled(_merge_splits_kernel)[(query_tiles, B * H)](
+            dest, m_part, l_part, out, *(dest.stride(i) for i in (0, 1, 3, 2)),
+            out.stride(0), out.stride(1), out.stride(2), Lq,
+            H=H, D=D, SPLIT=splits, BLOCK_M=cfg.block_m, BLOCK_D=block_d, num_warps=cfg.num_warps)
     return out
