@@ -4,7 +4,9 @@ The norm is the release's: x * rsqrt(mean(x^2) + eps) in fp32, cast to the activ
 times the weight. k is stored un-roped, or (with `rope_grid`, the layout the Triton attention reads)
 rotated by the height/width part of RoPE only: that part depends only on the token's place in its
 frame, so it is applied once here; the frame part, the one that moves when positions shift, is applied
-when attention reads the key (see avatar_kernels/window_attention.py).
+when attention reads the key (see avatar_kernels/window_attention.py). With `frame_pos` as well, k is
+stored fully roped (height/width and frame at the given positions): the layout the `sdpa_ring` backend
+hands to torch SDPA as it is; a later position change is then a re-rotation (avatar_kernels/rerotate.py).
 """
 from __future__ import annotations
 
@@ -23,7 +25,14 @@ from ._triton_util import (
     row_warps,
     tl,
 )
-from .rope import device_spatial_cos_sin, rotate_spatial
+from .rope import (
+    apply_rope,
+    device_inv_freqs,
+    device_spatial_cos_sin,
+    rope_angles,
+    rope_split,
+    rotate_spatial,
+)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -36,11 +45,13 @@ def qk_norm_kv_write_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
                                k_ring: torch.Tensor, v_ring: torch.Tensor,
                                write_slots: torch.Tensor, *, rope_grid: tuple[int, int] | None = None,
-                               rope_theta: float = 10000.0) -> torch.Tensor:
+                               rope_theta: float = 10000.0,
+                               frame_pos: torch.Tensor | None = None) -> torch.Tensor:
     """q, k, v: [B, Fq*T, dim]; rings [B, S*T, H, D]; write_slots [B, Fq] (slot of each block frame).
 
     Writes RMSNorm(k) and v into the ring slots, cast to the ring dtype (k un-roped, or rotated by
-    the height/width part of RoPE when `rope_grid` = (grid_h, grid_w) is given); returns RMSNorm(q)
+    the height/width part of RoPE when `rope_grid` = (grid_h, grid_w) is given, by the full rotation
+    when `frame_pos` [B, Fq] int32, the frame position of each written frame, is given too; returns RMSNorm(q)
     as [B, Fq*T, H, D] in q's dtype. The product with the weight is taken in the activation dtype
     (weight cast to it first), as the release does. Rows of other slots are not touched.
     """
@@ -49,7 +60,10 @@ def qk_norm_kv_write_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     Fq = write_slots.shape[1]
     T = Lq // Fq
     kn = rms_norm_reference(k, k_weight, eps).view(B, Fq * T, H, D)
-    if rope_grid is not None:
+    _check_frame_pos(frame_pos, rope_grid, B, Fq)
+    if frame_pos is not None:
+        kn = apply_rope(kn, rope_angles(frame_pos, *rope_grid, D, rope_theta))   # one rounding, below
+    elif rope_grid is not None:
         kn = rotate_spatial(kn, *rope_grid, rope_theta)
     kn = kn.view(B, Fq, T, H, D)
     vv = v.view(B, Fq, T, H, D)
@@ -76,9 +90,10 @@ def _qk_norm_kv_write_kernel(
         stride_qb, stride_ql, stride_kb, stride_kl, stride_vb, stride_vl,
         stride_ob, stride_ol, stride_oh,
         stride_krb, stride_krl, stride_krh, stride_vrb, stride_vrl, stride_vrh,
-        stride_wb, stride_wf, cos_ptr, sin_ptr,
+        stride_wb, stride_wf, cos_ptr, sin_ptr, fcos_ptr, fsin_ptr,
         Lq, T, S, eps,
-        DIM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, ROPE: tl.constexpr):
+        DIM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, ROPE: tl.constexpr,
+        FRAME: tl.constexpr, N_FRAME: tl.constexpr):
     row = tl.program_id(0)
     b = (row // Lq).to(tl.int64)            # int64: batch offsets of a large ring overflow int32
     i = row % Lq
@@ -108,6 +123,13 @@ def _qk_norm_kv_write_kernel(
         table = (i % T) * (HEAD_DIM // 2) + tl.arange(0, BLOCK // 2) % (HEAD_DIM // 2)
         cos = tl.load(cos_ptr + table)
         sin = tl.load(sin_ptr + table)
+        if FRAME:
+            # frame pairs (angle 0 in the spatial table) take the written frame's angle instead
+            pair = tl.arange(0, BLOCK // 2) % (HEAD_DIM // 2)
+            is_frame = pair < N_FRAME
+            fidx = (b * (Lq // T) + i // T) * N_FRAME + tl.where(is_frame, pair, 0)
+            cos = tl.where(is_frame, tl.load(fcos_ptr + fidx), cos)
+            sin = tl.where(is_frame, tl.load(fsin_ptr + fidx), sin)
         e, o = tl.split(tl.reshape(k_n, (BLOCK // 2, 2)))
         k_n = tl.reshape(tl.join(e * cos - o * sin, e * sin + o * cos), (BLOCK,))
     tl.store(k_ring_ptr + b * stride_krb + ring_row * stride_krl + head * stride_krh + d,
@@ -164,6 +186,24 @@ def _check_rope_grid(rope_grid: tuple[int, int] | None, T: int) -> None:
         raise ValueError(f"{_OP}: rope_grid {tuple(rope_grid)} does not tile the {T} tokens of a frame")
 
 
+def _check_frame_pos(frame_pos: torch.Tensor | None, rope_grid, B: int, Fq: int) -> None:
+    """Fully roped keys need the grid (the spatial part) and one int32 position per written frame."""
+    if frame_pos is None:
+        return
+    if rope_grid is None:
+        raise ValueError(f"{_OP}: frame_pos (fully roped keys) needs rope_grid as well")
+    check_shape(_OP, "frame_pos", frame_pos, (B, Fq))
+    check_dtype(_OP, "frame_pos", frame_pos, (torch.int32,))
+
+
+def _frame_cos_sin(frame_pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, Fq, frame pairs] fp32 of the written frames: the reference's angles (pos * inv_freq
+    on the same device), computed on the device (no sync) once per call rather than per token."""
+    nf = rope_split(head_dim)[0] // 2
+    ang = frame_pos.to(torch.float32)[..., None] * device_inv_freqs(head_dim, theta, frame_pos.device)[:nf]
+    return torch.cos(ang).contiguous(), torch.sin(ang).contiguous()
+
+
 def _check_slots_on_host(write_slots: torch.Tensor, S: int) -> None:
     """Slot range and uniqueness, checked only when the slots already live on the host (no sync)."""
     if write_slots.device.type != "cpu":
@@ -179,9 +219,11 @@ def qk_norm_kv_write_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
                             k_ring: torch.Tensor, v_ring: torch.Tensor, write_slots: torch.Tensor, *,
                             rope_grid: tuple[int, int] | None = None, rope_theta: float = 10000.0,
+                            frame_pos: torch.Tensor | None = None,
                             out: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of `qk_norm_kv_write_reference` (same arguments, same result and ring writes).
-    The Triton window attention reads keys written with `rope_grid`.
+    The Triton window attention reads keys written with `rope_grid`; `sdpa_ring` reads keys written
+    with `rope_grid` and `frame_pos` (fully roped).
 
     On CUDA, write_slots is not inspected on the host (no sync): slots outside [0, S) write nothing,
     and a slot named twice in one row is a race. On the CPU both are rejected with an error.
@@ -203,16 +245,21 @@ def qk_norm_kv_write_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         check_last_dim_contiguous(_OP, "out", out)
     block = next_pow2(dim)
     _check_rope_grid(rope_grid, T)
+    _check_frame_pos(frame_pos, rope_grid, B, write_slots.shape[1])
+    if frame_pos is not None:
+        check_same_device(_OP, q=q, frame_pos=frame_pos)
     cos, sin = (device_spatial_cos_sin(*rope_grid, D, rope_theta, device) if rope_grid is not None
                 else (q_weight, q_weight))    # unused without RoPE: any pointer will do
+    fcos, fsin = _frame_cos_sin(frame_pos, D, rope_theta) if frame_pos is not None else (cos, sin)
     compiled(_qk_norm_kv_write_kernel)[(B * Lq,)](
         q, k, v, q_weight, k_weight, out, k_ring, v_ring, write_slots,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         k_ring.stride(0), k_ring.stride(1), k_ring.stride(2),
         v_ring.stride(0), v_ring.stride(1), v_ring.stride(2),
-        write_slots.stride(0), write_slots.stride(1), cos, sin,
+        write_slots.stride(0), write_slots.stride(1), cos, sin, fcos, fsin,
         Lq, T, S, float(eps),
         DIM=dim, HEAD_DIM=D, BLOCK=block, ROPE=rope_grid is not None,
+        FRAME=frame_pos is not None, N_FRAME=rope_split(D)[0] // 2,
         num_warps=row_warps(block), enable_fp_fusion=FP_FUSION)
     return out

@@ -121,7 +121,7 @@ def _kernel(dst_ptr, src_ptr, dst_slots_ptr, src_slots_ptr, old_ptr, new_ptr, in
 def _check(dst, dst_slots, old_pos, new_pos, T, src, src_slots) -> None:
     if dst.dim() != 4 or src.dim() != 4:
         raise ValueError(f"{_OP}: dst and src must be [B, S*T, H, D], got {tuple(dst.shape)}, {tuple(src.shape)}")
-    B, _, H, D = dst.shape
+    B, D = dst.shape[0], dst.shape[3]
     if src.shape[0] != B or src.shape[2:] != dst.shape[2:]:
         raise ValueError(f"{_OP}: src {tuple(src.shape)} must match dst {tuple(dst.shape)} but for its length")
     if T < 1 or dst.shape[1] % T or src.shape[1] % T:

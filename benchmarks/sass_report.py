@@ -86,10 +86,11 @@ def compile_attention(target, dtype_name: str, tl_dtype, head_dim: int, torch_dt
 def compile_kv_write(rope: bool, dim: int = 1536, head_dim: int = 128):
     ptrs = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "q_out_ptr", "k_ring_ptr", "v_ring_ptr")}
     ptrs.update(q_weight_ptr="*fp32", k_weight_ptr="*fp32", slots_ptr="*i32", cos_ptr="*fp32",
-                sin_ptr="*fp32")
+                sin_ptr="*fp32", fcos_ptr="*fp32", fsin_ptr="*fp32")
     block = next_pow2(dim)
     return compile_for(kv_write._qk_norm_kv_write_kernel, HOPPER, ptrs,
-                       {"DIM": dim, "HEAD_DIM": head_dim, "BLOCK": block, "ROPE": rope},
+                       {"DIM": dim, "HEAD_DIM": head_dim, "BLOCK": block, "ROPE": rope,
+                        "FRAME": False, "N_FRAME": (head_dim - 4 * (head_dim // 6)) // 2},
                        num_warps=row_warps(block))
 
 
