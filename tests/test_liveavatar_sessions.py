@@ -1,6 +1,9 @@
 """Several Live Avatar sessions on one engine (issue 10): three liveavatar-tiny sessions with different
 images, seeds and chunkings, one joining late and one silent for a while, each equal to the same session
 run alone; one with bad audio fails alone. The engine's default mode (the round runner when built)."""
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +11,7 @@ import torch
 from runtime.engine import Engine
 from runtime.errors import BlockFailedError, SessionFailedError
 from runtime.media import synthetic_face
+from tests.oracle import assert_frames_close
 from tests.test_liveavatar_forward import _one_thread  # noqa: F401 - autouse: one torch thread
 
 SR = 16000
@@ -42,6 +46,14 @@ def _alone(engine, seed, audio, chunk):
 def _same(a, b) -> bool:
     return len(a) == len(b) and all(p.index == q.index and np.array_equal(p.frames, q.frames)
                                     and np.array_equal(p.audio, q.audio) for p, q in zip(a, b))
+
+
+def _close(a, b) -> None:
+    """Same blocks and audio; frames within the batched-row tolerance (tests/oracle.py): the CPU's
+    matmuls round a row of a 2-row batch a little differently from the row alone."""
+    assert [p.index for p in a] == [q.index for q in b]
+    assert all(np.array_equal(p.audio, q.audio) for p, q in zip(a, b))
+    assert_frames_close(np.concatenate([p.frames for p in a]), np.concatenate([q.frames for q in b]))
 
 
 def test_three_sessions_each_equal_their_single_session_run(engine):
@@ -87,14 +99,14 @@ def test_bad_audio_fails_one_session_alone(engine):
         assert len(bad.step(good[:1000], SR) + bad.flush()) == 1  # a refused chunk changed nothing there
 
 
-def test_a_failing_block_fails_its_session_alone(engine):
+def test_a_failing_decode_fails_its_session_alone(engine):
     good = _audio(20000, 6)
     alone = _alone(engine, 6, good, 2500)
     with engine.open(_image(6), seed=6) as ok, engine.open(_image(7), seed=7) as broken:
-        def boom(features):
+        def boom(latents):
             raise RuntimeError("injected stage fault")
 
-        broken.state.stream.generate_block = boom  # this session's denoise stage fails
+        broken.state.decoder.decode = boom  # this session's decode stage fails
         out, failures = [], []
         for a, z in _cuts(len(good), 2500):
             out += ok.step(good[a:z], SR)
@@ -105,5 +117,97 @@ def test_a_failing_block_fails_its_session_alone(engine):
         out += ok.flush()
     assert _same(out, alone)
     assert failures and isinstance(failures[0], BlockFailedError) and "injected stage fault" in str(failures[0])
-    assert failures[0].stage == "denoise" and failures[0].block == 0
+    assert failures[0].stage == "decode" and failures[0].block == 0
     assert all(isinstance(f, SessionFailedError) for f in failures[1:])
+
+
+# ---- batched rounds: sessions ready together run one forward per denoising step -----------------
+@pytest.fixture(scope="module")
+def eager():
+    """Eager mode: a round runs on the caller's thread, so audio arriving meanwhile batches deterministically."""
+    with Engine.from_pretrained("liveavatar-tiny", device="cpu", dtype=torch.float32, max_sessions=3,
+                                mode="eager") as e:
+        yield e
+
+
+def _batch_b_and_c(engine, sessions, first, audio):
+    """a's round runs with a slow decode while b and c push their first block's audio: the next round
+    runs b and c together. Returns each session's blocks and (rounds, rows) those three pushes ran."""
+    a = sessions[0]
+    decode, started = a.state.decoder.decode, threading.Event()
+
+    def slow(z):
+        started.set()
+        time.sleep(0.5)
+        return decode(z)
+
+    a.state.decoder.decode = slow
+    got = [[], [], []]
+    t = threading.Thread(target=lambda: got[0].extend(_steps(a, audio[0][:first])))
+    t.start()
+    assert started.wait(60)
+    rounds, rows = engine.rounds, engine.rows_run
+    pushers = [threading.Thread(target=lambda i=i: got[i].extend(_steps(sessions[i], audio[i][:first])))
+               for i in (1, 2)]
+    for p in pushers:
+        p.start()
+    for p in [t, *pushers]:
+        p.join(120)
+    a.state.decoder.decode = decode
+    return got, (engine.rounds - rounds, engine.rows_run - rows)
+
+
+def _steps(session, audio):
+    try:
+        return session.step(audio, SR)
+    except (BlockFailedError, SessionFailedError) as err:
+        return [err]
+
+
+def test_sessions_ready_together_run_one_batched_forward(eager):
+    audio = [_audio(14000, 10 + i) for i in range(3)]
+    alone = [_alone(eager, 10 + i, audio[i], 14000) for i in range(3)]
+    forwards = []
+    model = eager.family.model
+    forward = model.forward_rows
+    model.forward_rows = lambda x, *a, **k: forwards.append(x.shape[0]) or forward(x, *a, **k)
+    try:
+        sessions = [eager.open(_image(10 + i), seed=10 + i) for i in range(3)]
+        first = eager.timeline.samples_to_run(0)
+        got, counted = _batch_b_and_c(eager, sessions, first, audio)
+    finally:
+        del model.forward_rows
+    assert counted == (2, 3)  # eager: a's round is counted once it ran; then one round for b and c
+    steps = model.cfg.num_steps
+    assert forwards[:2 * steps] == [1] * steps + [2] * steps  # a alone, then one forward of 2 rows a step
+    for i, s in enumerate(sessions):
+        got[i] += s.step(audio[i][first:], SR) + s.flush()
+        s.close()
+        _close(got[i], alone[i])
+
+
+def test_a_failing_batched_step_fails_the_sessions_of_its_round(eager):
+    audio = [_audio(14000, 20 + i) for i in range(3)]
+    alone_a = _alone(eager, 20, audio[0], 14000)
+    sessions = [eager.open(_image(20 + i), seed=20 + i) for i in range(3)]
+    ring = sessions[2].state.stream.rings[0]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected ring fault")
+
+    ring.begin_block = boom  # c's step 0 fails: the batched forward of b and c cannot run
+    first = eager.timeline.samples_to_run(0)
+    got, counted = _batch_b_and_c(eager, sessions, first, audio)
+    assert counted == (2, 3)
+    for i in (1, 2):
+        err = got[i][-1] if got[i] else None
+        if not isinstance(err, BlockFailedError):  # its thread pushed first: the failure is reported next call
+            with pytest.raises(BlockFailedError) as info:
+                sessions[i].step(audio[i][first:first + 100], SR)
+            err = info.value
+        assert err.stage == "step0" and "injected ring fault" in str(err), i
+    a = sessions[0]
+    out = got[0] + a.step(audio[0][first:], SR) + a.flush()  # the session outside that round goes on
+    assert _same(out, alone_a)
+    for s in sessions:
+        s.close()

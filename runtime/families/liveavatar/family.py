@@ -13,14 +13,17 @@ What is family 2's (the core owns sessions, the audio timeline, rounds and flush
 - the decoder: the streaming Wan2.1 VAE, block 0 opening with `lead_frames` frames of the reference
   (no input audio lost: every block is 12 frames and carries exactly their 12 * 640 samples).
 
-Rows are not batched yet: each session's block is its own tasks (denoise on the compute lane,
-decode on the decode lane), `group=slot`, so a failing session fails alone.
+Rows are batched: the sessions whose audio is ready run their next block together, one forward of
+the trunk per denoising step over all their rows (each attends to its own prompt, condition and
+rings), then each session's decode on the decode lane (`group=slot`: a failing decode fails its
+session alone).
 """
 from __future__ import annotations
 
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +34,13 @@ from runtime.config import AudioConfig
 from runtime.core.blocks import VideoBlock, check_finite, frames_uint8_device
 from runtime.core.rounds import Task
 from runtime.families import register
-from runtime.families.base import Family, Row, SessionState, Timeline
+from runtime.families.base import BATCH, Family, Row, SessionState, Timeline
 from runtime.models.streaming import StreamingDecoder
 
 from .audio_front import SAMPLE_RATE, SAMPLES_PER_VIDEO_FRAME, VIDEO_FPS
 from .build import FamilyParts, pretrained_parts, random_parts, release_candidates
 from .reference import encode_reference, prompt_tensor, reference_pixels
-from .stream import LiveAvatarStream, StreamSettings
+from .stream import BlockBatch, LiveAvatarStream, StreamSettings
 
 PRESET_OF = {"liveavatar-14b": "liveavatar-14b", "liveavatar-tiny": "tiny"}  # engine preset -> family preset
 
@@ -166,18 +169,37 @@ class LiveAvatar(Family):
         return work
 
     def round_tasks(self, rows: list[Row], batch: int) -> list[Task]:
+        """The round's blocks as one batch (stream.BlockBatch): audio tokens and noise, one batched
+        forward per denoising step, the sink update (group BATCH: a fault there fails every session
+        of the round), then each session's streaming decode (its own group). Family 2 captures no
+        graphs, so the batch is exactly the round's rows: `batch` (the padded size) is not used."""
+        blocks = BlockBatch([r.state.stream for r in rows], [r.work.features for r in rows])
+        first = min(r.work.index for r in rows)
+        stages = [("audio", blocks.begin)] + [(f"step{i}", partial(blocks.step, i)) for i in range(blocks.num_steps)]
+        stages.append(("sink", partial(self._end_denoise, rows, blocks)))
         tasks = []
+        for name, fn in stages:
+            tasks.append(Task(name, "compute", fn=self._timed(rows, "denoise", fn), group=BATCH, block=first,
+                              deps=(len(tasks) - 1,) if tasks else ()))
+        last = len(tasks) - 1
         for row in rows:
-            tasks.append(Task("denoise", "compute", fn=lambda r=row: self._denoise(r), group=row.slot,
+            tasks.append(Task("decode", "decode", fn=lambda r=row: self._decode(r), deps=(last,), group=row.slot,
                               block=row.work.index))
-            tasks.append(Task("decode", "decode", fn=lambda r=row: self._decode(r), deps=(len(tasks) - 1,),
-                              group=row.slot, block=row.work.index))
         return tasks
 
-    def _denoise(self, row: Row) -> None:
-        t0 = self.stage_clock()
-        row.work.latents = row.state.stream.generate_block(row.work.features)
-        row.work.timings["denoise"] = self.stage_clock() - t0
+    def _timed(self, rows: list[Row], key: str, fn):
+        """fn, its time added to every row's `key` timing (the rows share the batched stage)."""
+        def run():
+            t0 = self.stage_clock()
+            fn()
+            for row in rows:
+                row.work.timings[key] = row.work.timings.get(key, 0.0) + self.stage_clock() - t0
+        return run
+
+    @staticmethod
+    def _end_denoise(rows: list[Row], blocks: BlockBatch) -> None:
+        for row, latents in zip(rows, blocks.end()):
+            row.work.latents = latents
 
     def _decode(self, row: Row) -> None:
         t0 = self.stage_clock()

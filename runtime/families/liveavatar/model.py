@@ -82,6 +82,11 @@ class TimeMod:
     cond: torch.Tensor   # [B, 1, 6, dim]: time_projection(0), for reference and motion tokens
     head: torch.Tensor   # [B, F, dim]: time_embedding(t), for the head
 
+    @staticmethod
+    def cat(mods: list[TimeMod]) -> TimeMod:
+        """The modulation of several sessions' rows, batched in order."""
+        return TimeMod(*(torch.cat([getattr(m, f) for m in mods]) for f in ("noisy", "cond", "head")))
+
 
 @dataclass
 class AudioTokens:
@@ -112,6 +117,34 @@ class History(Protocol):
 
     def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class RowInputs:
+    """What the rows of one session attend to in a batched `forward_rows`: its prompt, condition and
+    ring, and where its block sits. A session is `cond`'s batch size rows of x (1 for a stream)."""
+
+    text_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    cond: Condition
+    first_frame: int = 0
+    ref_frame: int | None = None
+    history: History | None = None
+    origin: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.cond.keys[0].shape[0]
+
+
+@dataclass
+class _LayerGroup:
+    """One session's rows in one transformer block: the slice of the batch and what it attends to."""
+
+    rows: slice
+    rope: Rope                                      # of the rows' own tokens
+    text_kv: tuple[torch.Tensor, torch.Tensor]
+    context: tuple[torch.Tensor, torch.Tensor] | None = None  # roped condition keys, values
+    history: object = None                          # (k, v) -> (keys, values, key_mask), or None
 
 
 class LiveAvatarDiT(nn.Module):
@@ -202,7 +235,7 @@ class LiveAvatarDiT(nn.Module):
         cond_mod = self.time_mod(ref.new_zeros(ref.shape[0], 1)).cond
         h, keys, values = torch.cat([ref, mot], dim=1), [], []
         for blk, tkv in zip(self.blocks, text_kv):
-            h, k, v = self._block_pass(blk, h, cond_mod, tkv, rope, context=None)
+            h, k, v = self._block_pass(blk, h, cond_mod, [_LayerGroup(slice(None), rope, tkv)])
             keys.append(k)
             values.append(v)
         return Condition(keys, values, positions, is_ref, token_hw)
@@ -223,24 +256,42 @@ class LiveAvatarDiT(nn.Module):
         origin: subtracted from every temporal index before roping. RoPE scores depend only on index
         differences, so a stream passes origin = first_frame and its angles stay small forever.
         """
+        row = RowInputs(text_kv, cond, first_frame, ref_frame, history, origin)
+        return self.forward_rows(x, mod, audio, [row], pose_latents)
+
+    @torch.no_grad()
+    def forward_rows(self, x: torch.Tensor, mod: TimeMod, audio: AudioTokens, rows: list[RowInputs],
+                     pose_latents: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward_block` of several sessions at once: x holds rows[0]'s batch rows, then rows[1]'s, ...
+        (mod, audio and pose_latents alike). Every matmul over tokens (q/k/v/o, FFN, cross-attention
+        q/o, audio injection, head) runs once over the whole batch; attention runs per session, over its
+        own prompt, condition and ring at its own positions. A session's rows equal its forward_block
+        alone up to the matmuls' rounding at another batch size."""
         nf, lh, lw = x.shape[2:]
         token_hw = (lh // self.cfg.patch_size[1], lw // self.cfg.patch_size[2])
-        self._check_block_inputs(x, mod, audio, cond, token_hw)
+        self._check_block_inputs(x, mod, audio, rows, token_hw)
         h = self._embed_noisy(x, pose_latents)
-        split, theta = self.cfg.rope_split, self.cfg.rope_theta
-        rope = Rope.of(noisy_positions(first_frame - origin, nf, token_hw), split, theta, h.device)
-        offset = (self.cfg.ref_rope_frame if ref_frame is None else ref_frame) - self.cfg.ref_rope_frame
-        cond_pos = cond.positions.shift_frames(cond.is_reference, offset)
-        cond_pos = cond_pos.shift_frames(np.ones(len(cond_pos), dtype=bool), -origin)
-        cond_rope = Rope.of(cond_pos, split, theta, h.device)
+        starts = np.cumsum([0] + [r.rows for r in rows])
+        ropes = [self._row_ropes(r, nf, token_hw, h.device) for r in rows]
         inject = {layer: j for j, layer in enumerate(self.cfg.audio_inject_layers)}
         for i, blk in enumerate(self.blocks):
-            context = (apply_rope(cond.keys[i], cond_rope), cond.values[i])
-            own = None if history is None else partial(history, i)
-            h, _, _ = self._block_pass(blk, h, mod.noisy, text_kv[i], rope, context, own)
+            groups = [_LayerGroup(slice(a, z), rope, r.text_kv[i], (apply_rope(r.cond.keys[i], cond_rope),
+                                  r.cond.values[i]), None if r.history is None else partial(r.history, i))
+                      for a, z, r, (rope, cond_rope) in zip(starts[:-1], starts[1:], rows, ropes)]
+            h, _, _ = self._block_pass(blk, h, mod.noisy, groups)
             if i in inject:
                 h = h + self.audio_injector(inject[i], h, audio.global_, audio.local)
         return self._head(h, mod.head, nf, token_hw)
+
+    def _row_ropes(self, row: RowInputs, nf: int, token_hw: tuple[int, int], device) -> tuple[Rope, Rope]:
+        """A session's RoPE in a block: of its noisy tokens, and of its condition tokens (the
+        reference at ref_frame: the rolling sink), every index relative to its origin."""
+        split, theta = self.cfg.rope_split, self.cfg.rope_theta
+        rope = Rope.of(noisy_positions(row.first_frame - row.origin, nf, token_hw), split, theta, device)
+        ref_frame = self.cfg.ref_rope_frame if row.ref_frame is None else row.ref_frame
+        cond_pos = row.cond.positions.shift_frames(row.cond.is_reference, ref_frame - self.cfg.ref_rope_frame)
+        cond_pos = cond_pos.shift_frames(np.ones(len(cond_pos), dtype=bool), -row.origin)
+        return rope, Rope.of(cond_pos, split, theta, device)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, t: torch.Tensor, ref_latent: torch.Tensor, motion_latents: torch.Tensor,
@@ -258,7 +309,7 @@ class LiveAvatarDiT(nn.Module):
         return self.forward_block(x, mod, self.encode_audio(audio_features), text_kv, cond, pose_latents=pose_latents)
 
     # ---- internals --------------------------------------------------------------------------------
-    def _check_block_inputs(self, x, mod: TimeMod, audio: AudioTokens, cond: Condition, token_hw) -> None:
+    def _check_block_inputs(self, x, mod: TimeMod, audio: AudioTokens, rows: list[RowInputs], token_hw) -> None:
         B, C, nf = x.shape[:3]
         if C != self.cfg.latent_channels:
             raise ValueError(f"noisy latents have {C} channels, the model takes {self.cfg.latent_channels}")
@@ -266,8 +317,11 @@ class LiveAvatarDiT(nn.Module):
             raise ValueError(f"timesteps are for {tuple(mod.noisy.shape[:2])} (batch, frames), x is ({B}, {nf})")
         if audio.local.shape[:2] != (B, nf):
             raise ValueError(f"audio tokens cover {tuple(audio.local.shape[:2])} (batch, frames), x is ({B}, {nf})")
-        if cond.token_hw != token_hw:
-            raise ValueError(f"condition was encoded at {cond.token_hw} tokens, the block is {token_hw}")
+        if sum(r.rows for r in rows) != B:
+            raise ValueError(f"the sessions' conditions hold {sum(r.rows for r in rows)} rows, x has {B}")
+        for r in rows:
+            if r.cond.token_hw != token_hw:
+                raise ValueError(f"condition was encoded at {r.cond.token_hw} tokens, the block is {token_hw}")
 
     def _embed_noisy(self, x: torch.Tensor, pose_latents: torch.Tensor | None) -> torch.Tensor:
         h = self._patch_tokens(self.patch_embedding, x)
@@ -277,39 +331,47 @@ class LiveAvatarDiT(nn.Module):
             h = h + self._patch_tokens(self.cond_encoder, pose_latents)
         return h + self.trainable_cond_mask.weight[COND_NOISY]
 
-    def _block_pass(self, blk: Block, h: torch.Tensor, mod: torch.Tensor, text_kv, rope: Rope, context,
-                    history=None):
+    def _block_pass(self, blk: Block, h: torch.Tensor, mod: torch.Tensor, groups: list[_LayerGroup]):
         """One transformer block over tokens h [B, L, dim] in G = mod.shape[1] equal groups (frames).
 
-        context: (roped keys, values) attended to besides the tokens' own, or None.
-        history: None (the tokens see their own keys) or a callable (k, v) -> (keys, values, key_mask)
-        that stores this layer's un-roped k/v and returns what the tokens see instead of their own keys.
-        Returns (h, this sequence's un-roped keys, values). Residual in fp32 inside, model dtype out.
+        groups: the sessions in the batch (`_LayerGroup`): each one's rows attend to its own prompt,
+        its condition keys (`context`, or none) and its ring (`history`: a callable (k, v) ->
+        (keys, values, key_mask) that stores this layer's un-roped k/v and returns what the rows see
+        instead of their own keys; None: they see their own keys).
+        Returns (h, the sequence's un-roped keys, values). Residual in fp32 inside, model dtype out.
         """
         dtype, eps = h.dtype, self.cfg.eps
         shift1, scale1, gate1, shift2, scale2, gate2 = (blk.modulation.float()[:, None] + mod).unbind(2)
         x = _modulate(layer_norm(h, eps).to(dtype).float(), shift1, scale1).to(dtype)
-        y, k, v = self._self_attention(blk.self_attn, x, rope, context, history)
+        y, k, v = self._self_attention(blk.self_attn, x, groups)
         h = h.float() + _gate(y, gate1)
         normed = layer_norm(h.to(dtype), eps, blk.norm3.weight, blk.norm3.bias).to(dtype)
-        h = h + blk.cross_attn.cross(normed, *text_kv).float()
+        h = h + self._cross_attention(blk.cross_attn, normed, groups).float()
         x = _modulate(layer_norm(h, eps), shift2, scale2).to(dtype)
         h = h + _gate(blk.ffn(x), gate2)
         return h.to(dtype), k, v
 
     @staticmethod
-    def _self_attention(attn: Attention, x: torch.Tensor, rope: Rope, context, history=None):
-        q = apply_rope(attn.query(x), rope)
-        k, v = attn.key_value(x)
-        if history is None:
-            keys, values, mask = apply_rope(k, rope), v, None
-        else:
-            keys, values, mask = history(k, v)
-        if context is not None:
-            keys, values = torch.cat([keys, context[0]], dim=1), torch.cat([values, context[1]], dim=1)
-            if mask is not None:  # the condition keys are always visible
-                mask = torch.cat([mask, mask.new_ones(context[0].shape[1])])
-        return attn.output(attend(q, keys, values, mask)), k, v
+    def _self_attention(attn: Attention, x: torch.Tensor, groups: list[_LayerGroup]):
+        q_all, (k_all, v_all) = attn.query(x), attn.key_value(x)
+        out = []
+        for g in groups:
+            q, k, v = apply_rope(q_all[g.rows], g.rope), k_all[g.rows], v_all[g.rows]
+            if g.history is None:
+                keys, values, mask = apply_rope(k, g.rope), v, None
+            else:
+                keys, values, mask = g.history(k, v)
+            if g.context is not None:
+                keys, values = torch.cat([keys, g.context[0]], dim=1), torch.cat([values, g.context[1]], dim=1)
+                if mask is not None:  # the condition keys are always visible
+                    mask = torch.cat([mask, mask.new_ones(g.context[0].shape[1])])
+            out.append(attend(q, keys, values, mask))
+        return attn.output(cat_rows(out)), k_all, v_all
+
+    @staticmethod
+    def _cross_attention(attn: Attention, x: torch.Tensor, groups: list[_LayerGroup]) -> torch.Tensor:
+        q = attn.query(x)
+        return attn.output(cat_rows([attend(q[g.rows], *g.text_kv) for g in groups]))
 
     def _head(self, h: torch.Tensor, e: torch.Tensor, nf: int, token_hw: tuple[int, int]) -> torch.Tensor:
         """CausalHead_S2V: per-frame shift/scale from time_embedding(t), product in fp32, then unpatchify."""
@@ -323,6 +385,11 @@ class LiveAvatarDiT(nn.Module):
         pt, ph, pw = self.cfg.patch_size
         x = x.view(B, nf, H, W, pt, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(B, c, nf * pt, H * ph, W * pw)
+
+
+def cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The sessions' rows back in one batch (one session: its tensor as it is)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def build_liveavatar(config: LiveAvatarConfig | str = "liveavatar-14b", device=None,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .kv_ring import KVRing
-from .model import AudioTokens, Condition, LiveAvatarDiT
+from .model import AudioTokens, Condition, LiveAvatarDiT, RowInputs, TimeMod, cat_rows
 
 _MASK64 = (1 << 64) - 1
 
@@ -107,27 +107,25 @@ class LiveAvatarStream:
     @torch.no_grad()
     def generate_block(self, audio_features: torch.Tensor) -> torch.Tensor:
         """audio_features [B, audio_layers, audio_dim, 4F] of the block's video frames -> latents."""
-        if audio_features.shape[0] != self.latent_shape[0]:
-            raise ValueError(f"audio features are for batch {audio_features.shape[0]}, "
-                             f"the stream has {self.latent_shape[0]}")
-        audio = self.model.encode_audio(audio_features)
-        x = self._denoise(audio)
+        return generate_blocks([self], [audio_features])[0]
+
+    def draw_noise(self) -> torch.Tensor:
+        """x_T of the next block, from the session's own seeded generator."""
+        model = self.model
+        return torch.randn(self.latent_shape, generator=self.noise).to(model.patch_embedding.weight.device, model.dtype)
+
+    def row_inputs(self, step: int) -> RowInputs:
+        """Plan denoising step `step` of the next block: claim its ring slots, place the sink."""
+        F, b, k = self.cfg.block_frames, self.block_index, self.blocks_done
+        f0 = b * F
+        read = self.rings[step].begin_block(k, f0, F, origin=f0)
+        return RowInputs(self.text_kv, self.cond, first_frame=f0, ref_frame=self.ref_frame(b, step), history=read,
+                         origin=f0)
+
+    def end_block(self, x: torch.Tensor) -> None:
+        """The block's denoised latents are x: the adaptive sink takes its frame, the stream moves on."""
         self._after_block(x)
         self.blocks_done += 1
-        return x
-
-    def _denoise(self, audio: AudioTokens) -> torch.Tensor:
-        model, F = self.model, self.cfg.block_frames
-        b, k = self.block_index, self.blocks_done
-        f0 = b * F
-        x = torch.randn(self.latent_shape, generator=self.noise).to(model.patch_embedding.weight.device, model.dtype)
-        for i, ring in enumerate(self.rings):
-            read = ring.begin_block(k, f0, F, origin=f0)
-            v = model.forward_block(x, self.mods[i], audio, self.text_kv, self.cond, first_frame=f0,
-                                    ref_frame=self.ref_frame(b, i), history=read, origin=f0)
-            # diffusers' Euler step: fp32 update, back to the latent dtype
-            x = (x.float() + (self.sigmas[i + 1] - self.sigmas[i]) * v.float()).to(model.dtype)
-        return x
 
     def _after_block(self, x: torch.Tensor) -> None:
         at = self.settings.adaptive_sink_block
@@ -143,3 +141,59 @@ class LiveAvatarStream:
         new = self.model.encode_condition(ref_latent, self.motion_latents, self.text_kv)
         for dst, src in zip(self.cond.keys + self.cond.values, new.keys + new.values):
             dst.copy_(src)
+
+
+class BlockBatch:
+    """The next block of several streams of one model, as the stages a round runs in order:
+    `begin()` (audio tokens of every row, noise), `step(i)` for each denoising step (ONE batched
+    forward of every row: `LiveAvatarDiT.forward_rows`), `end()` (the adaptive sink; the streams move
+    on). `latents[j]` is stream j's block, equal to its `generate_block` alone up to the matmuls'
+    rounding at another batch size."""
+
+    def __init__(self, streams: list[LiveAvatarStream], features: list[torch.Tensor]):
+        if not streams or len(streams) != len(features):
+            raise ValueError(f"{len(streams)} streams for {len(features)} feature blocks")
+        model = streams[0].model
+        for s, f in zip(streams, features):
+            if s.model is not model:
+                raise ValueError("the streams of one batch must share one model")
+            if f.shape[0] != s.latent_shape[0]:
+                raise ValueError(f"audio features are for batch {f.shape[0]}, the stream has {s.latent_shape[0]}")
+        self.streams, self.features, self.model = streams, features, model
+        self.x: torch.Tensor | None = None
+        self.audio: AudioTokens | None = None
+        self.latents: list[torch.Tensor] = []
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.streams[0].rings)
+
+    def begin(self) -> None:
+        self.audio = self.model.encode_audio(cat_rows(self.features))
+        self.x = cat_rows([s.draw_noise() for s in self.streams])
+
+    def step(self, i: int) -> None:
+        streams, model = self.streams, self.model
+        rows = [s.row_inputs(i) for s in streams]
+        mod = streams[0].mods[i] if len(streams) == 1 else TimeMod.cat([s.mods[i] for s in streams])
+        v = model.forward_rows(self.x, mod, self.audio, rows)
+        sigmas = streams[0].sigmas
+        # diffusers' Euler step: fp32 update, back to the latent dtype
+        self.x = (self.x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(model.dtype)
+
+    def end(self) -> list[torch.Tensor]:
+        self.latents = list(self.x.split([s.latent_shape[0] for s in self.streams]))
+        for s, x in zip(self.streams, self.latents):
+            s.end_block(x)
+        return self.latents
+
+
+@torch.no_grad()
+def generate_blocks(streams: list[LiveAvatarStream], features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The next block of each stream (see `BlockBatch`), all stages in a row."""
+    batch = BlockBatch(streams, features)
+    batch.begin()
+    for i in range(batch.num_steps):
+        batch.step(i)
+    return batch.end()
+
