@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import DiTConfig
 from .ops import Ops
+from .qkv import project_qkv
 
 
 def sinusoidal_embedding(freq_dim: int, t: torch.Tensor) -> torch.Tensor:
@@ -176,7 +177,7 @@ class CausalAudioDiT(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (blk.modulation.float()[:, None] + e).unbind(2)
         sa = blk.self_attn
         x = ops.layernorm_modulate(h, shift1, scale1, T, eps)
-        q = ops.qk_norm_kv_write(sa.q(x), sa.k(x), sa.v(x), sa.norm_q.weight, sa.norm_k.weight, eps,
+        q = ops.qk_norm_kv_write(*project_qkv(sa, x), sa.norm_q.weight, sa.norm_k.weight, eps,
                                  ring_k, ring_v, plan.write_slots, grid, self.cfg.rope_theta)
         attn = ops.window_attention(q, ring_k, ring_v, plan.slot_pos, plan.q_pos, grid, self.cfg.rope_theta)
         h = ops.gated_residual(h, sa.o(attn.flatten(2)), gate1, T)

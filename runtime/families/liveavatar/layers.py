@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...models.qkv import project_qkv
+
 
 def layer_norm(x: torch.Tensor, eps: float, weight=None, bias=None) -> torch.Tensor:
     """LayerNorm over the last dim computed in fp32; returns fp32 (callers cast where upstream does)."""
@@ -60,6 +62,12 @@ class Attention(nn.Module):
         """Un-roped keys and values [B, L, H, D] (what a cache stores for the condition tokens)."""
         k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
         return k, self.v(x).unflatten(-1, (self.num_heads, -1))
+
+    def query_key_value(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`query(x)` and `key_value(x)` of one input: one GEMM once q/k/v are fused (runtime/models/qkv.py)."""
+        q, k, v = project_qkv(self, x)
+        H = self.num_heads
+        return self.norm_q(q).unflatten(-1, (H, -1)), self.norm_k(k).unflatten(-1, (H, -1)), v.unflatten(-1, (H, -1))
 
     def output(self, attn: torch.Tensor) -> torch.Tensor:
         return self.o(attn.flatten(2))
