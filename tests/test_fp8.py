@@ -14,11 +14,13 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks import fp8_traffic
 from runtime import Engine
 from runtime.config import EngineConfig
 from runtime.models import fp8
 from runtime.models.dit import build_dit
 from runtime.models.fp8 import E4M3_MAX, Fp8Linear, check_fp8_device, quantize_dit_fp8, quantize_e4m3
+from runtime.models.qkv import FusedQKV, concat_linears, fuse_model_qkv, fuse_qkv, project_qkv
 
 GRANULARITIES = ["tensor", "row"]
 
@@ -118,8 +120,120 @@ def test_quantize_dit_converts_exactly_the_per_token_linears():
     for kept in ("text_embedding.0", "time_projection.1", "head.head", "blocks.0.cross_attn.k",
                  "blocks.0.cross_attn.v"):
         assert kept in report.kept and isinstance(dit.get_submodule(kept), nn.Linear)
-    assert all(isinstance(dit.get_submodule(n), Fp8Linear) for n in expected)
+    # self-attention q/k/v: one Fp8Linear over the stacked weight; the others one each
+    assert report.fused == [f"blocks.{i}.self_attn" for i in range(cfg.dit.num_layers)]
+    for i in range(cfg.dit.num_layers):
+        fused = dit.get_submodule(f"blocks.{i}.self_attn.qkv")
+        assert isinstance(fused, FusedQKV) and isinstance(fused.proj, Fp8Linear)
+        assert fused.proj.out_features == 3 * cfg.dit.dim and fused.widths == (cfg.dit.dim,) * 3
+        assert not hasattr(dit.get_submodule(f"blocks.{i}.self_attn"), "q")
+    assert all(isinstance(dit.get_submodule(n), Fp8Linear) for n in expected if n[-2:] not in (".q", ".k", ".v")
+               or "cross_attn" in n)
     assert report.bytes_after * 3.5 < report.bytes_before            # fp32 -> e4m3 (+ scales)
+
+
+def _qkv_linears(dim: int, seed: int) -> list[nn.Linear]:
+    """q, k, v with different weight magnitudes (v's amax ~1/3 of q's), biased."""
+    g = torch.Generator().manual_seed(seed)
+    linears = [nn.Linear(dim, dim) for _ in range(3)]
+    for lin, std in zip(linears, (1.0, 0.8, 0.3), strict=True):
+        nn.init.normal_(lin.weight, std=std / dim ** 0.5, generator=g)
+        nn.init.normal_(lin.bias, std=0.1, generator=g)
+    return linears
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_fused_qkv_against_three_fp8_linears_and_fp32(granularity):
+    """`row`: a scale per output channel and per token, so the stacked product IS the three (bit for
+    bit here). `tensor`: the stacked weight has one scale, the largest of the three, so k and v sit on
+    another E4M3 grid: they differ from their own Fp8Linear by about the FP8 error itself (0.04
+    measured), but are as close to the fp32 product as the separate ones (0.037 both, measured;
+    bound: within 10% of the separate layer's error)."""
+    dim = 128
+    linears = _qkv_linears(dim, seed=2)
+    x = torch.randn(2, 45, dim, generator=torch.Generator().manual_seed(3))
+    fused = FusedQKV(Fp8Linear(concat_linears(*linears), granularity), (dim,) * 3)
+    outs = fused(x)
+    for out, lin in zip(outs, linears, strict=True):
+        sep = Fp8Linear(lin, granularity)(x)
+        assert out.shape == (2, 45, dim) and out.stride(-1) == 1
+        if granularity == "row":
+            assert torch.equal(out, sep)
+        assert rel_err(out, lin(x)) < 1.1 * rel_err(sep, lin(x)) < 0.08
+    assert torch.equal(outs[0], Fp8Linear(linears[0], granularity)(x))   # q holds the largest amax
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_qkv_unquantized_equals_three_linears(dtype):
+    """Without FP8 the stacked GEMM is the same dot products: equal within the GEMM's summation order
+    (bit for bit on this CPU; bound 1e-6 fp32, one bf16 ulp)."""
+    linears = [lin.to(dtype) for lin in _qkv_linears(64, seed=4)]
+    x = torch.randn(37, 64, generator=torch.Generator().manual_seed(5)).to(dtype)
+    attn = nn.Module()
+    attn.q, attn.k, attn.v = linears
+    want = project_qkv(attn, x)
+    fuse_qkv(attn)
+    assert not hasattr(attn, "q") and isinstance(attn.qkv, FusedQKV)
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    for got, ref in zip(project_qkv(attn, x), want, strict=True):
+        torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
+
+
+def test_fused_dit_block_equals_the_unfused_one():
+    """Fusion after strict loading: the release's q/k/v keys load into the unfused DiT, then
+    `fuse_model_qkv` stacks them; the block forward is the same (fp32, one GEMM width apart)."""
+    cfg = EngineConfig.from_preset("tiny")
+    ref = build_dit(cfg)
+    dit = build_dit(cfg)
+    dit.load_state_dict(ref.state_dict(), strict=True)
+    assert fuse_model_qkv(dit) == [f"blocks.{i}.self_attn" for i in range(cfg.dit.num_layers)]
+    g = torch.Generator().manual_seed(6)
+    blk_ref, blk = ref.blocks[0].self_attn, dit.blocks[0].self_attn
+    x = torch.randn(1, 48, cfg.dit.dim, generator=g)
+    for got, want in zip(project_qkv(blk, x), project_qkv(blk_ref, x), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_fuse_errors():
+    with pytest.raises(ValueError, match="input widths"):
+        concat_linears(nn.Linear(16, 16), nn.Linear(32, 16))
+    with pytest.raises(ValueError, match="bias"):
+        concat_linears(nn.Linear(16, 16), nn.Linear(16, 16, bias=False))
+    attn = nn.Module()
+    attn.q, attn.k, attn.v = Fp8Linear(nn.Linear(16, 16)), nn.Linear(16, 16), nn.Linear(16, 16)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        fuse_qkv(attn)
+
+
+@pytest.mark.parametrize("fast_accum", [True, False])
+def test_fast_accum_reaches_scaled_mm(monkeypatch, fast_accum):
+    """The option is passed to `_scaled_mm`; the CPU kernel ignores it (bit-identical outputs, so its
+    numeric effect on Hopper is not measured here). Default: on (fp8.FAST_ACCUM)."""
+    seen = []
+    real = torch._scaled_mm
+
+    def spy(*args, **kw):
+        seen.append(kw["use_fast_accum"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    layer = Fp8Linear(nn.Linear(32, 16), fast_accum=fast_accum)
+    x = torch.randn(4, 32)
+    out = layer(x)
+    assert seen == [fast_accum] and fp8.FAST_ACCUM is True
+    assert out.shape == (4, 16)
+    cfg = EngineConfig.from_preset("tiny")
+    quantize_dit_fp8(dit := build_dit(cfg), "row", fast_accum=fast_accum)
+    assert {m.fast_accum for m in dit.modules() if isinstance(m, Fp8Linear)} == {fast_accum}
+
+
+def test_cpu_scaled_mm_ignores_fast_accum():
+    g = torch.Generator().manual_seed(7)
+    linear = nn.Linear(64, 32)
+    x = torch.randn(9, 64, generator=g)
+    for granularity in GRANULARITIES:
+        a, b = (Fp8Linear(linear, granularity, fast_accum=f)(x) for f in (True, False))
+        assert torch.equal(a, b)
 
 
 def test_capability_rules(monkeypatch):
@@ -131,6 +245,45 @@ def test_capability_rules(monkeypatch):
     with pytest.raises(RuntimeError, match=r"8\.9.*8\.0"):
         check_fp8_device(torch.device("cuda"), "tensor")
     check_fp8_device(torch.device("cpu"), "row")
+
+
+# ------------------------------------------------------------------------------ bytes per block
+def test_quantiser_bytes_match_a_hand_count():
+    """x [2, 16] bf16 (N = 32 elements, 2 bytes each), pass by pass as benchmarks/fp8_traffic.py says."""
+    eager_tensor = (64 + 64) + (64 + 2) + (2 + 4) + 8 + 8 + (64 + 128) + (128 + 4 + 128) + 256 + (128 + 32)
+    assert fp8_traffic.eager_bytes(2, 16, 2, "tensor") == eager_tensor == 1084
+    # row: 2 scales; amax writes 2x2, float() 2x(2+4), /448 and clamp 2x8 each, the division reads 2x4
+    assert fp8_traffic.eager_bytes(2, 16, 2, "row") == eager_tensor + 2 + 6 + 16 + 4
+    # fp32 input: no .float() copies (x itself, and the fp32 amax)
+    assert fp8_traffic.eager_bytes(2, 16, 4, "tensor") == (128 + 128) + (128 + 4) + 16 + (128 + 4 + 128) + 256 + 160
+    # fused: one program (BLOCK_M 512 >= 2 rows); tensor: zero word, read, atomic, read + amax, write q + scale
+    assert fp8_traffic.fused_bytes(2, 16, 2, "row") == 64 + 32 + 8
+    assert fp8_traffic.fused_bytes(2, 16, 2, "tensor") == 4 + 64 + 4 + (64 + 4) + (32 + 4)
+
+
+def test_block_traffic_counts_the_model_s_quantised_linears():
+    """Per forward = sum over the quantised linears (walked in the real DiT, q/k/v fused or not) of
+    the quantiser's bytes on their [Lq, in_features] input; per block x (steps + KV refresh)."""
+    cfg = EngineConfig.from_preset("tiny")
+    lq = cfg.cache.block_frames * cfg.tokens_per_frame
+    counts = {}
+    for fuse in (False, True):
+        dit = build_dit(cfg)
+        quantize_dit_fp8(dit, "tensor", fuse=fp8.QKV_OF_SELF_ATTENTION if fuse else None)
+        counts[fuse] = [m.in_features for m in dit.modules() if isinstance(m, Fp8Linear)]
+    assert len(counts[False]) == 8 * cfg.dit.num_layers and len(counts[True]) == 6 * cfg.dit.num_layers
+    t = fp8_traffic.block_quant_traffic(cfg, "tensor", elem=2)
+    assert t.per_forward_before == sum(fp8_traffic.eager_bytes(lq, k, 2, "tensor") for k in counts[False])
+    assert t.per_forward_after == sum(fp8_traffic.fused_bytes(lq, k, 2, "tensor") for k in counts[True])
+    assert t.per_block_before == t.per_forward_before * (cfg.sampler.num_steps + 1)
+
+
+def test_livetalk_512_figures():
+    """The figures docs/kernels.md quotes (LiveTalk 1.3B, 512x512, bf16): ~300 GB -> 38 / 23 GB."""
+    cfg = EngineConfig.from_preset("livetalk-1.3b")
+    tensor, row = (fp8_traffic.block_quant_traffic(cfg, g) for g in GRANULARITIES)
+    assert round(tensor.per_block_before / 1e9, 1) == 299.7 and round(tensor.per_block_after / 1e9, 1) == 38.3
+    assert round(row.per_block_before / 1e9, 1) == 299.9 and round(row.per_block_after / 1e9, 1) == 23.0
 
 
 # ---------------------------------------------------------------------------------------- engine

@@ -5,6 +5,7 @@ from torch import nn
 from runtime.families.liveavatar import LiveAvatarConfig, build_liveavatar, randomize_weights
 from runtime.families.liveavatar.fp8 import quantize_liveavatar_fp8
 from runtime.models.fp8 import Fp8Linear
+from runtime.models.qkv import FusedQKV
 
 TINY = LiveAvatarConfig.from_preset("tiny")
 NF, LH, LW = 3, 8, 8
@@ -45,3 +46,26 @@ def test_fp8_forward_tracks_fp32():
     want, got = ref(**inp), quant(**inp)
     rel = ((got.float() - want).norm() / want.norm()).item()
     assert 0 < rel < 0.06, rel  # observed 0.030 (row) and 0.035 (tensor) on the tiny preset
+
+
+def test_query_key_value_is_query_and_key_value_fused_or_not():
+    """`Attention.query_key_value` (what self-attention calls once q/k/v are fused) equals `query` and
+    `key_value`: unfused in fp32 exactly, and as one FP8 GEMM with row scaling exactly the three
+    FP8 linears (a scale per output channel and per token either way)."""
+    model = _model()
+    attn = model.blocks[0].self_attn
+    x = torch.randn(2, 24, TINY.dim, generator=torch.Generator().manual_seed(2))
+    want = (attn.query(x), *attn.key_value(x))
+    got = attn.query_key_value(x)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    three, one = _model(), _model()
+    quantize_liveavatar_fp8(three, "row")
+    report = quantize_liveavatar_fp8(one, "row", fuse_qkv=True)
+    assert report.fused == [f"blocks.{i}.self_attn" for i in range(TINY.num_layers)]
+    a3, a1 = three.blocks[0].self_attn, one.blocks[0].self_attn
+    assert isinstance(a1.qkv, FusedQKV) and not hasattr(a1, "q")
+    want = (a3.query(x), *a3.key_value(x))
+    assert all(torch.equal(a, b) for a, b in zip(a1.query_key_value(x), want, strict=True))
+    # cross-attention and the audio injector read k/v from another input: never fused
+    assert isinstance(one.blocks[0].cross_attn.q, Fp8Linear)
+    assert isinstance(one.get_submodule("audio_injector.injector.0.q"), Fp8Linear)

@@ -4,7 +4,12 @@ Upstream swaps EVERY Linear of the DiT for an E4M3 one except text_embedding, ti
 time_projection, head.head and the audio encoder's final linear: attention and FFN of every block,
 the text cross-attention's k/v, the audio injector's attention and its AdaLayerNorm linear. That is
 more than family 1's per-token selection (runtime/models/fp8.HOT_LINEARS), hence its own patterns; the
-FP8 linear itself (scales, `_scaled_mm`, capability checks) is shared.
+FP8 linear itself (scales, `_scaled_mm`, capability checks, the fused quantiser) is shared.
+
+q/k/v fusion (one GEMM, one activation quantisation per self-attention) is off here until the
+model's self-attention reads them through `Attention.query_key_value` (one line in
+`LiveAvatarDiT._self_attention`: `q_all, k_all, v_all = attn.query_key_value(x)`); `fuse_qkv=True`
+before that would fail on the first forward (the fused attention has no `q`).
 """
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ import re
 
 from torch import nn
 
-from ...models.fp8 import QuantizeReport, quantize_dit_fp8
+from ...models.fp8 import FAST_ACCUM, QuantizeReport, quantize_dit_fp8
+from ...models.qkv import QKV_OF_SELF_ATTENTION
 
 ALL_LINEARS = re.compile(r".+")
 KEPT_IN_BF16 = re.compile(
@@ -20,6 +26,8 @@ KEPT_IN_BF16 = re.compile(
     r"|casual_audio_encoder\.encoder\.final_linear")
 
 
-def quantize_liveavatar_fp8(model: nn.Module, granularity: str = "tensor") -> QuantizeReport:
+def quantize_liveavatar_fp8(model: nn.Module, granularity: str = "tensor", *, fuse_qkv: bool = False,
+                            fast_accum: bool = FAST_ACCUM) -> QuantizeReport:
     """Upstream's FP8 selection on a LiveAvatarDiT, in place (before any condition cache is built)."""
-    return quantize_dit_fp8(model, granularity, include=ALL_LINEARS, exclude=KEPT_IN_BF16)
+    return quantize_dit_fp8(model, granularity, include=ALL_LINEARS, exclude=KEPT_IN_BF16,
+                            fuse=QKV_OF_SELF_ATTENTION if fuse_qkv else None, fast_accum=fast_accum)
