@@ -115,29 +115,34 @@ def _slot_table_kernel(slot_pos_ptr, q_pos_ptr, inv_freq_ptr, order_ptr, count_p
                        stride_sb, stride_ss, stride_pb, stride_pf, S, Fq,
                        INVALID: tl.constexpr, N_FRAME: tl.constexpr, S_BLOCK: tl.constexpr,
                        F_BLOCK: tl.constexpr):
-    """Per batch row b: order[b, :count[b]] = the valid slots in slot order; fcos/fsin[b, f, c, p] =
-    cos/sin of (theta_{q frame f} - theta_{slot order[c]}) on frame pair p, as
-    cos a cos b + sin a sin b and sin a cos b - cos a sin b of the reference's own angles."""
+    """Per batch row b: order[b, :count[b]] = the valid slots in slot order, then S (no slot) up to
+    S entries; fcos/fsin[b, f, c, p] = cos/sin of (theta_{q frame f} - theta_{slot order[c]}) on frame
+    pair p, as cos a cos b + sin a sin b and sin a cos b - cos a sin b of the reference's own angles
+    (the identity for c >= count, so every entry is finite)."""
     b = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, S_BLOCK)
     pos = tl.load(slot_pos_ptr + b * stride_sb + s * stride_ss, mask=s < S, other=INVALID)
     valid = pos != INVALID
-    rank = tl.cumsum(valid.to(tl.int32), 0) - 1
-    tl.store(order_ptr + b * S + rank, s, mask=valid)
-    tl.store(count_ptr + b, tl.sum(valid.to(tl.int32), 0))
+    count = tl.sum(valid.to(tl.int32), 0)
+    # valid slots to ranks 0 .. count-1 in slot order, the others after them
+    rank = tl.where(valid, tl.cumsum(valid.to(tl.int32), 0) - 1, count + tl.cumsum((~valid).to(tl.int32), 0) - 1)
+    in_ring = s < S
+    tl.store(order_ptr + b * S + rank, tl.where(valid, s, S), mask=in_ring)
+    tl.store(count_ptr + b, count)
     p = tl.arange(0, F_BLOCK)
     inv = tl.load(inv_freq_ptr + p, mask=p < N_FRAME, other=0.0)
     ang_s = tl.where(valid, pos, 0).to(tl.float32)[:, None] * inv[None, :]          # [S_BLOCK, F_BLOCK]
     cs = tl.cos(ang_s)
     ss = tl.sin(ang_s)
-    ok = valid[:, None] & (p < N_FRAME)[None, :]
+    ok = in_ring[:, None] & (p < N_FRAME)[None, :]
+    valid2 = valid[:, None]
     for f in range(Fq):
         ang_f = tl.load(q_pos_ptr + b * stride_pb + f * stride_pf).to(tl.float32) * inv[None, :]
         cf = tl.cos(ang_f)
         sf = tl.sin(ang_f)
         at = ((b * Fq + f) * S + rank[:, None]) * N_FRAME + p[None, :]
-        tl.store(fcos_ptr + at, cf * cs + sf * ss, mask=ok)
-        tl.store(fsin_ptr + at, sf * cs - cf * ss, mask=ok)
+        tl.store(fcos_ptr + at, tl.where(valid2, cf * cs + sf * ss, 1.0), mask=ok)
+        tl.store(fsin_ptr + at, tl.where(valid2, sf * cs - cf * ss, 0.0), mask=ok)
 
 
 def _rotate_pairs(x, c, s, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
@@ -147,27 +152,30 @@ def _rotate_pairs(x, c, s, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
     return tl.reshape(tl.join(e * c - o * s, e * s + o * c), (BLOCK_M, WIDTH))
 
 
-def _load_kv_tile(ptr, desc, b32, b, h, s, t0, T, stride_b, stride_l, stride_h,
+def _load_kv_tile(ptr, desc, b32, b, h, s, t0, S, T, stride_b, stride_l, stride_h,
                   D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   EVEN_T: tl.constexpr, USE_TMA: tl.constexpr):
-    """Ring rows s * T + t0 .. + BLOCK_N of head h as [BLOCK_N, BLOCK_D]; rows past the frame and
-    columns past D read as zero (TMA: out of the descriptor's bounds; pointers: masked)."""
+    """Ring rows s * T + t0 .. + BLOCK_N of head h as [BLOCK_N, BLOCK_D]; rows past the frame,
+    columns past D and all of slot s == S read as zero (TMA: out of the descriptor's bounds; pointers:
+    masked)."""
     if USE_TMA:
         return tl.reshape(desc.load([b32, s, t0, h, 0]), (BLOCK_N, BLOCK_D))
     j = tl.arange(0, BLOCK_N)
     dim = tl.arange(0, BLOCK_D)
     ptrs = ptr + b * stride_b + h * stride_h + (s * T + t0 + j)[:, None] * stride_l + dim[None, :]
-    if EVEN_T and D == BLOCK_D:
-        return tl.load(ptrs)
-    return tl.load(ptrs, mask=((t0 + j) < T)[:, None] & (dim < D)[None, :], other=0.0)
+    # s == S is the out-of-range slot of a share with no work: nothing is read
+    tok_ok = t0 + j < tl.where(s < S, T, 0)
+    return tl.load(ptrs, mask=tok_ok[:, None] & (dim < D)[None, :], other=0.0)
 
 
-def _rotated_low_half(q_base, rows, row_ok, q_frame, q_tok, scos_ptr, ssin_ptr, fcos_ptr, fsin_ptr,
-                      b, c, S, Fq, qk_scale, D: tl.constexpr, N_FRAME: tl.constexpr,
-                      BLOCK_M: tl.constexpr, HALF: tl.constexpr):
-    """Channels 0 .. HALF of q for slot order[c], fp32, scaled: frame pairs turned by
-    R(theta_s)^T R(theta_f) from the slot table, height/width pairs by the spatial table."""
-    pair = tl.arange(0, HALF // 2)
+@uses(_rotate_pairs)
+def _rotated_channels(q_base, row_ok, q_frame, q_tok, scos_ptr, ssin_ptr, fcos_ptr, fsin_ptr, b, c, S, Fq,
+                      qk_scale, D: tl.constexpr, N_FRAME: tl.constexpr, BLOCK_M: tl.constexpr,
+                      FIRST: tl.constexpr, WIDTH: tl.constexpr):
+    """Channels FIRST .. FIRST + WIDTH of q for slot order[c], scaled and rounded to q's dtype: frame
+    pairs turned by R(theta_s)^T R(theta_f) from the slot table, height/width pairs by the spatial
+    table."""
+    pair = FIRST // 2 + tl.arange(0, WIDTH // 2)
     fr_ok = row_ok[:, None] & (pair < N_FRAME)[None, :]
     sp_ok = row_ok[:, None] & ((pair >= N_FRAME) & (pair < D // 2))[None, :]
     f_at = ((b * Fq + q_frame[:, None]) * S + c) * N_FRAME + pair[None, :]
@@ -175,12 +183,33 @@ def _rotated_low_half(q_base, rows, row_ok, q_frame, q_tok, scos_ptr, ssin_ptr, 
     # each pair is in exactly one table: the other load gives 0 and the sum picks it
     cos = tl.load(fcos_ptr + f_at, mask=fr_ok, other=0.0) + tl.load(scos_ptr + s_at, mask=sp_ok, other=0.0)
     sin = tl.load(fsin_ptr + f_at, mask=fr_ok, other=0.0) + tl.load(ssin_ptr + s_at, mask=sp_ok, other=0.0)
-    dim = tl.arange(0, HALF)
+    dim = FIRST + tl.arange(0, WIDTH)
     x = tl.load(q_base + dim[None, :], mask=row_ok[:, None] & (dim < D)[None, :], other=0.0)
-    return _rotate_pairs(x.to(tl.float32), cos, sin, BLOCK_M, HALF) * qk_scale
+    rotated = _rotate_pairs(x.to(tl.float32), cos, sin, BLOCK_M, WIDTH) * qk_scale
+    return rotated.to(q_base.dtype.element_ty)
 
 
-@uses(_rotate_pairs, _load_kv_tile, _rotated_low_half)
+def _concat(a, b, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+    """[a | b] along dim 1, both [BLOCK_M, WIDTH]."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (BLOCK_M, 2 * WIDTH))
+
+
+@uses(_rotated_channels, _concat)
+def _query_for_slot(q_base, row_ok, q_frame, q_tok, q_hi, scos_ptr, ssin_ptr, fcos_ptr, fsin_ptr,
+                    b, c, S, Fq, qk_scale, D: tl.constexpr, N_FRAME: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_D: tl.constexpr, MMA_DTYPE: tl.constexpr):
+    """The MMA operand q for slot order[c]: the low half turned to the slot's frame, in two quarters
+    (fewer live registers), joined to the high half (MMA_DTYPE differs from q's dtype only in the
+    interpreter)."""
+    Q: tl.constexpr = BLOCK_D // 4
+    lo = _concat(_rotated_channels(q_base, row_ok, q_frame, q_tok, scos_ptr, ssin_ptr, fcos_ptr, fsin_ptr,
+                                   b, c, S, Fq, qk_scale, D, N_FRAME, BLOCK_M, 0, Q),
+                 _rotated_channels(q_base, row_ok, q_frame, q_tok, scos_ptr, ssin_ptr, fcos_ptr, fsin_ptr,
+                                   b, c, S, Fq, qk_scale, D, N_FRAME, BLOCK_M, Q, Q), BLOCK_M, Q)
+    return _concat(lo, q_hi, BLOCK_M, 2 * Q).to(MMA_DTYPE)
+
+
+@uses(_rotated_channels, _load_kv_tile, _query_for_slot)
 def _window_attention_kernel(
         q_ptr, k_ptr, v_ptr, k_desc, v_desc, o_ptr, m_ptr, l_ptr,
         order_ptr, count_ptr, fcos_ptr, fsin_ptr, scos_ptr, ssin_ptr,
@@ -193,7 +222,6 @@ def _window_attention_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         EVEN_T: tl.constexpr, SPLIT: tl.constexpr, USE_TMA: tl.constexpr,
         DOT_PRECISION: tl.constexpr, MMA_DTYPE: tl.constexpr):
-    HALF: tl.constexpr = BLOCK_D // 2
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -207,41 +235,35 @@ def _window_attention_kernel(
     q_base = q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_ql
 
     # ---- high half of q: height/width pairs only, the same for every slot: rotated once
-    pair = tl.arange(0, HALF // 2)
-    hp = HALF // 2 + pair
-    hp_ok = row_ok[:, None] & (hp < D // 2)[None, :]
-    s_at = q_tok[:, None] * (D // 2) + hp[None, :]
-    dim_hi = HALF + tl.arange(0, HALF)
-    x = tl.load(q_base + dim_hi[None, :], mask=row_ok[:, None] & (dim_hi < D)[None, :], other=0.0)
-    q_hi = _rotate_pairs(x.to(tl.float32), tl.load(scos_ptr + s_at, mask=hp_ok, other=0.0),
-                         tl.load(ssin_ptr + s_at, mask=hp_ok, other=0.0), BLOCK_M, HALF) * qk_scale
-    q_hi = q_hi.to(q_ptr.dtype.element_ty)   # rounded to the input dtype like every MMA operand
+    q_hi = _rotated_channels(q_base, row_ok, q_frame, q_tok, scos_ptr, ssin_ptr, fcos_ptr, fsin_ptr, b, 0, S,
+                             Fq, qk_scale, D, N_FRAME, BLOCK_M, BLOCK_D // 2, BLOCK_D // 2)
 
     # ---- this program's share of the flattened (valid slot, key tile) iterations
     tiles = tl.cdiv(T, BLOCK_N)
     n_iter = tl.load(count_ptr + b) * tiles
     share = tl.cdiv(n_iter, SPLIT)
     it_start = pid_s * share
-    it_end = tl.minimum(it_start + share, n_iter)
+    # At least one iteration, always: a loop that may run zero times makes ptxas serialise every
+    # wgmma in it (the zero-trip path defines the accumulators by moves while the last MMA is in
+    # flight). A share with no work runs one iteration on an out-of-range slot (zeros, nothing read)
+    # and its (m, l, acc) are reset after the loop.
+    has_work = it_start < n_iter
+    it_end = tl.maximum(tl.minimum(it_start + share, n_iter), it_start + 1)
+    tl.assume(it_end > it_start)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    q = tl.zeros((BLOCK_M, BLOCK_D), MMA_DTYPE)
+    q = _query_for_slot(q_base, row_ok, q_frame, q_tok, q_hi, scos_ptr, ssin_ptr, fcos_ptr, fsin_ptr,
+                        b, tl.minimum(it_start // tiles, S - 1), S, Fq, qk_scale, D, N_FRAME, BLOCK_M, BLOCK_D, MMA_DTYPE)
     j = tl.arange(0, BLOCK_N)
     for it in range(it_start, it_end):
-        c = it // tiles
-        t0 = (it - c * tiles) * BLOCK_N
-        s = tl.load(order_ptr + b * S + c)
-        if (t0 == 0) | (it == it_start):    # a new slot: turn the low half of q to its frame
-            q_lo = _rotated_low_half(q_base, rows, row_ok, q_frame, q_tok, scos_ptr, ssin_ptr, fcos_ptr,
-                                     fsin_ptr, b, c, S, Fq, qk_scale, D, N_FRAME, BLOCK_M, HALF)
-            # [lo | hi] along the head dim (MMA_DTYPE differs from the input dtype only in the interpreter)
-            q = tl.join(q_lo.to(q_ptr.dtype.element_ty), q_hi)
-            q = tl.reshape(tl.permute(q, (0, 2, 1)), (BLOCK_M, BLOCK_D)).to(MMA_DTYPE)
-        k = _load_kv_tile(k_ptr, k_desc, b32, b, h, s, t0, T, stride_kb, stride_kl, stride_kh,
+        c = tl.minimum(it // tiles, S - 1)   # clamped: only a no-work share goes past the last slot
+        t0 = (it - (it // tiles) * tiles) * BLOCK_N
+        s = tl.where(it < n_iter, tl.load(order_ptr + b * S + c), S)   # S: out of range, reads zeros
+        k = _load_kv_tile(k_ptr, k_desc, b32, b, h, s, t0, S, T, stride_kb, stride_kl, stride_kh,
                           D, BLOCK_N, BLOCK_D, EVEN_T, USE_TMA)
-        v = _load_kv_tile(v_ptr, v_desc, b32, b, h, s, t0, T, stride_vb, stride_vl, stride_vh,
+        v = _load_kv_tile(v_ptr, v_desc, b32, b, h, s, t0, S, T, stride_vb, stride_vl, stride_vh,
                           D, BLOCK_N, BLOCK_D, EVEN_T, USE_TMA)
         qk = tl.dot(q, tl.trans(k.to(MMA_DTYPE)), input_precision=DOT_PRECISION)   # base-2 logits
         if not EVEN_T:  # noqa: SIM102 - a compile-time branch around a run-time one
@@ -253,8 +275,17 @@ def _window_attention_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         p_mma = p.to(q_ptr.dtype.element_ty).to(MMA_DTYPE)
+        # the next tile starts a new slot: turn q to its frame now, between the QK^T MMA (done) and the
+        # PV one (not yet issued), where no MMA is in flight (a q update while one is would make ptxas
+        # serialise every wgmma of the loop)
+        if (t0 + BLOCK_N >= T) & (it + 1 < it_end):
+            q = _query_for_slot(q_base, row_ok, q_frame, q_tok, q_hi, scos_ptr, ssin_ptr, fcos_ptr,
+                                fsin_ptr, b, tl.minimum(c + 1, S - 1), S, Fq, qk_scale, D, N_FRAME, BLOCK_M, BLOCK_D, MMA_DTYPE)
         acc = tl.dot(p_mma, v.to(MMA_DTYPE), acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
+    m_i = tl.where(has_work, m_i, float("-inf"))
+    l_i = tl.where(has_work, l_i, 0.0)
+    acc = tl.where(has_work, acc, 0.0)
 
     dim = tl.arange(0, BLOCK_D)
     o_ptrs = (o_ptr + pid_s * stride_os + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol
@@ -445,7 +476,7 @@ def _slot_tables(slot_pos, q_pos, D, theta, n_frame):
     B, S = slot_pos.shape
     Fq = q_pos.shape[1]
     dev = slot_pos.device
-    order = torch.zeros(B, S, dtype=torch.int32, device=dev)
+    order = torch.empty(B, S, dtype=torch.int32, device=dev)
     count = torch.empty(B, dtype=torch.int32, device=dev)
     fcos = torch.empty(B, Fq, S, n_frame, dtype=torch.float32, device=dev)
     fsin = torch.empty_like(fcos)

@@ -39,20 +39,28 @@ except ImportError:  # pragma: no cover - no triton, or a triton without the ahe
 HOPPER = GPUTarget("cuda", 90, 32) if triton else None
 AMPERE = GPUTarget("cuda", 80, 32) if triton else None
 # runtime ints Triton does not see as multiples of 16 at launch (the others are specialised as such)
-_NOT_ALIGNED = {"stride_ss", "stride_pf", "stride_wf", "S", "eps", "qk_scale", "grid_w"}
+_NOT_ALIGNED = {"stride_ss", "stride_pf", "stride_wf", "S", "Fq", "eps", "qk_scale", "grid_w"}
 _FLOAT_ARGS = ("eps", "qk_scale")
+# The real model (runtime/config.py, LiveTalk 1.3B): 12 heads of 128, 3 latent frames per block
+# (Lq = 3 T), a ring of 15 slots (15 T keys), batch 1; T = 1024 at 512x512, 1560 at 480x832.
+HEADS, FRAMES_PER_BLOCK, RING_SLOTS = 12, 3, 15
+RESOLUTIONS = {"512x512": 1024, "480x832": 1560}
+H200_SMS = 132
 
 
 def compile_for(fn, target, pointer_types: dict[str, str], constexprs: dict, num_warps: int,
-                num_stages: int = 3, unaligned: tuple[str, ...] = ()):
-    """Compile plain kernel `fn` for `target`; pointers typed by name, other runtime args i32/fp32.
-    Runtime ints are taken as multiples of 16 (as Triton specialises them at launch) unless named in
-    `_NOT_ALIGNED` or `unaligned`."""
+                num_stages: int = 3, unaligned: tuple[str, ...] = (), types: dict[str, str] | None = None):
+    """Compile plain kernel `fn` for `target`; pointers typed by name, `types` names other typed
+    args (tensor descriptors), other runtime args i32/fp32. Runtime ints are taken as multiples of
+    16 (as Triton specialises them at launch) unless named in `_NOT_ALIGNED` or `unaligned`."""
     jit = JITFunction(bind_helpers(fn, JITFunction))
     signature, attrs = {}, {}
     for i, name in enumerate(jit.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
+            continue
+        if types and name in types:
+            signature[name] = types[name]
             continue
         if name.endswith("_ptr"):
             signature[name] = pointer_types[name]
@@ -65,22 +73,40 @@ def compile_for(fn, target, pointer_types: dict[str, str], constexprs: dict, num
                                                          "enable_fp_fusion": True})
 
 
+def attention_query_tiles(tokens_per_frame: int, block_m: int, frames: int = FRAMES_PER_BLOCK,
+                          heads: int = HEADS, batch: int = 1) -> int:
+    """CTAs of the attention grid before the key split: query tiles x batch x heads."""
+    return -(-frames * tokens_per_frame // block_m) * heads * batch
+
+
 def compile_attention(target, dtype_name: str, tl_dtype, head_dim: int, torch_dtype: torch.dtype,
-                      tokens_per_frame: int = 1024, config: window_attention.AttentionConfig | None = None):
+                      tokens_per_frame: int = 1024, config: window_attention.AttentionConfig | None = None,
+                      splits: int | None = None, tma: bool | None = None):
     """The window attention at 12 heads; 1024 tokens a frame is 512x512 (whole key tiles), 1560 is
-    480x832 (a partial last tile; T and Lq = 3T not multiples of 16)."""
+    480x832 (a partial last tile; T and Lq = 3T not multiples of 16). `splits` defaults to what the
+    launcher picks on an H200 (132 SMs); `tma` to the config's (descriptors exist only from sm_90)."""
     cfg = config or window_attention.default_attention_config(head_dim, torch_dtype, torch.device("cuda"))
-    n_frame, n_height, _ = (p // 2 for p in rope_split(head_dim))
-    ptrs = {n: f"*{dtype_name}" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}
-    ptrs.update(slot_pos_ptr="*i32", q_pos_ptr="*i32", inv_freq_ptr="*fp32")
-    constexprs = {"H": 12, "D": head_dim, "N_FRAME": n_frame, "N_HEIGHT": n_height,
-                  "INVALID": window_attention.INVALID_POS, "BLOCK_M": cfg.block_m,
-                  "BLOCK_N": cfg.block_n, "BLOCK_D": next_pow2(head_dim),
-                  "EVEN_T": tokens_per_frame % cfg.block_n == 0,
+    if splits is None:
+        splits = cfg.splits or window_attention.plan_splits(
+            attention_query_tiles(tokens_per_frame, cfg.block_m), H200_SMS)
+    use_tma = (cfg.tma if tma is None else tma) and target.arch >= 90
+    n_frame = rope_split(head_dim)[0] // 2
+    block_d = next_pow2(head_dim)
+    ptrs = {n: f"*{dtype_name}" for n in ("q_ptr", "k_ptr", "v_ptr")}
+    ptrs.update(o_ptr=f"*{dtype_name}" if splits == 1 else "*fp32", m_ptr="*fp32", l_ptr="*fp32",
+                order_ptr="*i32", count_ptr="*i32", fcos_ptr="*fp32", fsin_ptr="*fp32", scos_ptr="*fp32",
+                ssin_ptr="*fp32")
+    desc = f"tensordesc<{dtype_name}[1, 1, {cfg.block_n}, 1, {block_d}]>"
+    types = {"k_desc": desc, "v_desc": desc} if use_tma else {}
+    constexprs = {"H": HEADS, "D": head_dim, "N_FRAME": n_frame, "BLOCK_M": cfg.block_m,
+                  "BLOCK_N": cfg.block_n, "BLOCK_D": block_d, "EVEN_T": tokens_per_frame % cfg.block_n == 0,
+                  "SPLIT": splits, "USE_TMA": use_tma,
                   "DOT_PRECISION": "ieee" if dtype_name == "fp32" else "tf32", "MMA_DTYPE": tl_dtype}
+    if not use_tma:
+        constexprs.update(k_desc=None, v_desc=None)
     unaligned = () if tokens_per_frame % 16 == 0 else ("T", "Lq")
     return compile_for(window_attention._window_attention_kernel, target, ptrs, constexprs,
-                       cfg.num_warps, cfg.num_stages, unaligned)
+                       cfg.num_warps, cfg.num_stages, unaligned, types)
 
 
 def compile_kv_write(rope: bool, dim: int = 1536, head_dim: int = 128):
