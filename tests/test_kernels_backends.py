@@ -110,6 +110,8 @@ def test_dispatch_every_available_backend_agrees():
     for name in available_backends(DEVICE):
         if name == "flash_attn":
             continue                              # fp16/bf16 only: covered by the GPU test below
+        if name == "sdpa_ring":
+            continue                              # reads fully roped keys: tests/test_kernels_sdpa_ring.py
         if name != "triton":
             out = window_attention(q, k, v, slot_pos, q_pos, *GRID, backend=name)
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5, msg=f"backend {name}")
