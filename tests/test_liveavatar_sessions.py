@@ -211,3 +211,18 @@ def test_a_failing_batched_step_fails_the_sessions_of_its_round(eager):
     assert _same(out, alone_a)
     for s in sessions:
         s.close()
+
+
+def test_reopening_an_image_reuses_its_reference_latents(eager):
+    fam, calls = eager.family, []
+    encode = fam.vae.encode_image
+    fam.vae.encode_image = lambda img: calls.append(1) or encode(img)
+    try:
+        audio = _audio(8000, 30)
+        first = _alone(eager, 30, audio, 8000)
+        again = _alone(eager, 30, audio, 8000)           # same image: no encode
+        _alone(eager, 31, audio, 8000)                   # another image: encoded
+    finally:
+        del fam.vae.encode_image
+    assert len(calls) == 2 and _same(first, again)
+    assert len(fam._reference_cache) <= 8

@@ -58,8 +58,9 @@ def test_many_sessions_on_one_engine_keep_memory_flat():
     assert _rss_bytes() - rss0 < 32 * 2 ** 20, (rss0, _rss_bytes())
 
 
-# Family 1's 1000 open/close cycles are tests/test_engine_batching.py's. Family 2's open() VAE-encodes
-# the reference twice (~0.8 s at liveavatar-tiny on 2 cores), so it runs 25 cycles, every 5th streaming.
+# Family 1's 1000 open/close cycles are tests/test_engine_batching.py's. Family 2's open() runs the
+# condition pass through the trunk and allocates a ring per step (the reference latents come from the
+# engine's cache after the first open of an image), so it runs 25 cycles, every 5th streaming.
 # Its warm-up is short and glibc's per-thread arenas (the round runner's lane threads) still grow by up
 # to ~60 MB then, so the resident-memory bound is coarse: the live-tensor count is the exact leak check.
 def test_liveavatar_open_close_cycles_keep_memory_flat():

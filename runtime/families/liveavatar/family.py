@@ -21,7 +21,9 @@ session alone).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -42,6 +44,7 @@ from .build import FamilyParts, pretrained_parts, random_parts, release_candidat
 from .reference import encode_reference, prompt_tensor, reference_pixels
 from .stream import BlockBatch, LiveAvatarStream, StreamSettings
 
+REFERENCE_CACHE = 8  # reference images whose latents an engine keeps (see LiveAvatar._encoded_reference)
 PRESET_OF = {"liveavatar-14b": "liveavatar-14b", "liveavatar-tiny": "tiny"}  # engine preset -> family preset
 
 
@@ -76,6 +79,7 @@ class LiveAvatar(Family):
         self.max_sessions = max_sessions
         self.model, self.vae, self.front = parts.model, parts.vae, parts.front
         self.quantization = parts.quantization
+        self._reference_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.size, self.settings = (parts.height, parts.width), settings or StreamSettings()
         blocks = self.front.settings.block_video_frames
         if blocks != 4 * self.model.cfg.block_frames:
@@ -128,9 +132,23 @@ class LiveAvatar(Family):
         pixels = reference_pixels(reference_image, *self.size)
         embeds = prompt_tensor(prompt_embeds, self.model.cfg)
         settings = dataclasses.replace(self.settings, seed=seed)
-        ref, motion = encode_reference(self.vae, pixels, self.model.cfg.motion_frames)
+        ref, motion = self._encoded_reference(pixels)
         dtype = self.model.dtype
         return ref.to(dtype), motion.to(dtype), embeds.to(ref.device, dtype), settings
+
+    def _encoded_reference(self, pixels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """encode_reference, remembered for the last REFERENCE_CACHE images: a server reopening the same
+        avatar skips the VAE encode of 1 + 73 frames (most of an open's time). Keyed by the pixels'
+        hash; the latents are small (19 latent frames) and read-only (the stream clones them)."""
+        key = hashlib.sha256(pixels.tobytes()).hexdigest()
+        cache = self._reference_cache
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        cache[key] = encode_reference(self.vae, pixels, self.model.cfg.motion_frames)
+        while len(cache) > REFERENCE_CACHE:
+            cache.popitem(last=False)
+        return cache[key]
 
     def open_state(self, slot: int, reference_image, prompt: str | None = None, prompt_embeds=None,
                    seed: int = 0) -> AvatarState:
