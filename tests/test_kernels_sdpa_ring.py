@@ -1,0 +1,303 @@
+"""The `sdpa_ring` backend: fully roped keys, re-rotated when positions move, read by torch SDPA in place.
+
+- `rerotate_frames_triton` against its fp32 reference under the interpreter (awkward shapes, positions
+  past 1e5, in place and from a source copy, skipped entries, untouched channels and slots bit for bit).
+- Rounding after many shifts: turning the same bf16 keys in place 200 times drifts; rebuilding them from
+  a copy at position 0 (what `follow_positions_` does for the sink) stays at two roundings.
+- A simulated stream (session plans of both RoPE modes, sink shifts, ring wrap, empty slots, several
+  writes per block): `window_attention_sdpa_ring` over the followed ring equals the reference over the
+  un-roped ring, every block.
+- The engine with `sdpa_ring` equals the engine with `reference` (tests/test_engine_backends.py's bound).
+- Timed selection (avatar_kernels/select.py) with an injected timer: fastest kept, cached, logged.
+
+Tolerances: keys per rotation pair in norm (as tests/test_kernels_kv_write.py): fp32 1e-5, bf16 rtol
+3.2e-2 (4 units: Triton's interpreter truncates fp32 -> bf16 where torch rounds). Attention: the
+window-attention table of docs/kernels.md (fp32 1e-5, bf16 4e-2).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
+
+from avatar_kernels import select
+from avatar_kernels._triton_util import interpreting
+from avatar_kernels.backends import (
+    RopedRingState,
+    available_backends,
+    follow_positions_,
+    window_attention_sdpa_ring,
+)
+from avatar_kernels.kv_write import qk_norm_kv_write_reference, qk_norm_kv_write_triton
+from avatar_kernels.rerotate import rerotate_frames_reference, rerotate_frames_triton
+from avatar_kernels.rope import apply_rope, rope_angles
+from avatar_kernels.window_attention import window_attention_reference
+from runtime.config import CacheConfig
+from runtime.session import plan_block
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu" and not interpreting():
+    pytest.skip("no CUDA device and TRITON_INTERPRET is disabled", allow_module_level=True)
+
+KEY_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 3.2e-2)}
+ATTN_TOL = {torch.float32: 1e-5, torch.bfloat16: 4e-2}
+
+
+def pair_error(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """|a - e| / (|e| + tiny) per rotation pair in Euclidean norm (a rotation keeps a pair's norm)."""
+    a, e = (t.float().unflatten(-1, (-1, 2)) for t in (actual, expected))
+    return (a - e).norm(dim=-1) / e.norm(dim=-1).clamp_min(1e-6)
+
+
+def assert_pairs_close(actual, expected, dtype):
+    atol, rtol = KEY_TOL[dtype]
+    a, e = (t.float().unflatten(-1, (-1, 2)) for t in (actual, expected))
+    err = (a - e).norm(dim=-1)
+    bound = atol + rtol * e.norm(dim=-1)
+    assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3g}"
+
+
+# --------------------------------------------------------------------------------------------------
+# the re-rotation kernel
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,H,D", [(7, 3, 40), (20, 2, 64)])
+def test_rerotate_in_place_matches_reference(dtype, T, H, D):
+    g = torch.Generator().manual_seed(T * D)
+    B, S = 2, 5
+    ring = torch.randn(B, S * T, H, D, generator=g).to(dtype).to(DEVICE)
+    slots = torch.tensor([[0, 3, -1], [4, 1, 2]], dtype=torch.int32, device=DEVICE)
+    old = torch.tensor([[5, 100003, 0], [7, 7, -3]], dtype=torch.int32, device=DEVICE)
+    new = torch.tensor([[2, 123457, 9], [7, -99999, 250001]], dtype=torch.int32, device=DEVICE)
+    expected = rerotate_frames_reference(ring.clone(), slots, old, new, T)
+    got = rerotate_frames_triton(ring.clone(), slots, old, new, T)
+    assert_pairs_close(got, expected, dtype)
+    # in place only the frame channels (the low 2 * frame pairs of each head) may change; slots not
+    # named and the entry with delta 0 (row 1, slot 4) stay bit for bit
+    frame_ch = D - 4 * (D // 6)
+    assert torch.equal(got[..., frame_ch:], ring[..., frame_ch:])
+    rows = got.view(B, S, T, H, D)
+    before = ring.view(B, S, T, H, D)
+    for b, s in [(0, 1), (0, 2), (0, 4), (1, 0), (1, 4)]:
+        assert torch.equal(rows[b, s], before[b, s]), (b, s)
+    assert not torch.equal(rows[0, 3], before[0, 3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rerotate_from_a_source_matches_reference_and_full_rope(dtype):
+    g = torch.Generator().manual_seed(3)
+    B, S, A, grid, H, D = 2, 4, 2, (3, 5), 3, 48
+    T = grid[0] * grid[1]
+    keys = torch.randn(B, A * T, H, D, generator=g)                     # un-roped
+    src = apply_rope(keys, rope_angles(torch.zeros(B, A), *grid, D)).to(dtype).to(DEVICE)   # spatial only
+    dst = torch.full((B, S * T, H, D), float("nan")).to(dtype).to(DEVICE)
+    slots = torch.tensor([[3, 0], [1, -1]], dtype=torch.int32, device=DEVICE)
+    src_slots = torch.tensor([[1, 0], [0, 1]], dtype=torch.int32, device=DEVICE)
+    zero = torch.zeros(B, 2, dtype=torch.int32, device=DEVICE)
+    new = torch.tensor([[131072, -7], [100019, 4]], dtype=torch.int32, device=DEVICE)
+    expected = rerotate_frames_reference(dst.clone(), slots, zero, new, T, src=src, src_slots=src_slots)
+    got = rerotate_frames_triton(dst.clone(), slots, zero, new, T, src=src, src_slots=src_slots)
+    written = [(0, 3, 1), (0, 0, 0), (1, 1, 0)]
+    for b, s, j in written:
+        a = got.view(B, S, T, H, D)[b, s]
+        assert_pairs_close(a, expected.view(B, S, T, H, D)[b, s], dtype)
+        # the full rotation of the un-roped key at the new position, computed in one go
+        full = apply_rope(keys.view(B, A, T, H, D)[b, j][None],
+                          rope_angles(new[b, slots[b].tolist().index(s)].cpu().view(1, 1), *grid, D))[0]
+        assert_pairs_close(a.cpu(), full, dtype)
+    untouched = torch.ones(B, S, dtype=torch.bool)
+    for b, s, _ in written:
+        untouched[b, s] = False
+    assert bool(got.view(B, S, T, H, D)[untouched].isnan().all())
+
+
+def test_rerotate_rejects_bad_inputs():
+    ring = torch.zeros(1, 12, 2, 16, device=DEVICE)
+    slots = torch.tensor([[0, 1]], dtype=torch.int32, device=DEVICE)
+    pos = torch.zeros(1, 2, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="whole 5-token slots"):
+        rerotate_frames_triton(ring, slots, pos, pos, 5)
+    with pytest.raises(TypeError, match="old_pos"):
+        rerotate_frames_triton(ring, slots, pos.long(), pos, 6)
+    with pytest.raises(ValueError, match="new_pos must have shape"):
+        rerotate_frames_triton(ring, slots, pos, pos[:, :1], 6)
+    if DEVICE.type == "cpu":
+        with pytest.raises(ValueError, match="twice"):
+            rerotate_frames_triton(ring, torch.tensor([[1, 1]], dtype=torch.int32), pos, pos, 6)
+
+
+def test_many_shifts_drift_in_place_but_not_from_the_copy():
+    """200 sink shifts in bf16: in place each turn rounds once more; from the position-0 copy the
+    keys are two roundings from the truth however many shifts came before."""
+    g = torch.Generator().manual_seed(11)
+    B, grid, H, D = 1, (2, 3), 2, 64
+    T = grid[0] * grid[1]
+    keys = torch.randn(B, T, H, D, generator=g)
+    slot = torch.zeros(B, 1, dtype=torch.int32, device=DEVICE)
+    zero = torch.zeros(B, 1, dtype=torch.int32, device=DEVICE)
+    copy = apply_rope(keys, rope_angles(torch.zeros(B, 1), *grid, D)).to(torch.bfloat16).to(DEVICE)
+    in_place = copy.clone()
+    from_copy = torch.empty_like(copy)
+    pos = 0
+    for step in range(200):
+        new = pos + 3 + (step % 5)                 # 3..7 frames a shift, ending near 1000
+        old_t = torch.full((B, 1), pos, dtype=torch.int32, device=DEVICE)
+        new_t = torch.full((B, 1), new, dtype=torch.int32, device=DEVICE)
+        rerotate_frames_triton(in_place, slot, old_t, new_t, T)
+        rerotate_frames_triton(from_copy, slot, zero, new_t, T, src=copy)
+        pos = new
+    truth = apply_rope(keys, rope_angles(torch.full((B, 1), pos), *grid, D))
+    assert_pairs_close(from_copy.cpu(), truth, torch.bfloat16)
+    drift = pair_error(in_place.cpu(), truth).max().item()
+    rebuilt = pair_error(from_copy.cpu(), truth).max().item()
+    assert drift > 3 * rebuilt, (drift, rebuilt)
+
+
+# --------------------------------------------------------------------------------------------------
+# sdpa_ring over a simulated stream
+# --------------------------------------------------------------------------------------------------
+def _stream(mode: str, dtype: torch.dtype, blocks: int, kv_write, seed: int = 0):
+    """Blocks of a session (sink 3, window 9, 3 frames a block; wraps from block 3) with random q/k/v,
+    two writes per block (as the denoising steps); yields (block, sdpa_ring output, reference output)."""
+    cache = CacheConfig(block_frames=3, sink_frames=3, window_frames=9, rope_mode=mode)
+    B, grid, H, D = 2, (2, 3), 2, 32
+    T = grid[0] * grid[1]
+    S, F = cache.window_frames, cache.block_frames
+    g = torch.Generator().manual_seed(seed)
+    ones = torch.ones(H * D, device=DEVICE)
+    roped = torch.zeros(1, B, S * T, H, D, dtype=dtype, device=DEVICE)
+    plain = torch.zeros(B, S * T, H, D, dtype=dtype, device=DEVICE)
+    v_ring = torch.zeros(B, S * T, H, D, dtype=dtype, device=DEVICE)
+    state = RopedRingState.allocate(roped, S, cache.sink_frames)
+    for b in range(blocks):
+        plan = plan_block(b, cache, B)
+        slot_pos, q_pos, write = (t.to(DEVICE) for t in (plan.slot_pos, plan.q_pos, plan.write_slots))
+        follow_positions_(roped, state, slot_pos, write, T)
+        for _ in range(2):
+            q, k, v = (torch.randn(B, F * T, H * D, generator=g).to(dtype).to(DEVICE) for _ in range(3))
+            qn = kv_write(q, k, v, ones, ones, 1e-6, roped[0], v_ring, write, rope_grid=grid, frame_pos=q_pos)
+            qk_norm_kv_write_reference(q, k, v, ones, ones, 1e-6, plain, v_ring.clone(), write)
+            got = window_attention_sdpa_ring(qn, roped[0], v_ring, slot_pos, q_pos, *grid)
+            ref = window_attention_reference(qn, plain, v_ring, slot_pos, q_pos, *grid)
+            yield b, got, ref, state
+
+
+@pytest.mark.parametrize("mode", ["absolute", "rolling"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_ring_equals_reference_across_sink_shifts(mode, dtype):
+    seen_wrap = False
+    for b, got, ref, state in _stream(mode, dtype, blocks=7, kv_write=qk_norm_kv_write_reference):
+        tol = ATTN_TOL[dtype]
+        err = ((got.float() - ref.float()).abs() - tol * ref.float().abs()).max().item()
+        assert err <= tol, (mode, b, err)
+        seen_wrap |= b >= 3
+    assert seen_wrap and bool(state.anchored.all())
+
+
+def test_sdpa_ring_with_the_triton_kv_write():
+    for b, got, ref, _ in _stream("rolling", torch.float32, blocks=5, kv_write=qk_norm_kv_write_triton, seed=1):
+        assert (got - ref).abs().max().item() <= 1e-5 * (1 + ref.abs().max().item()), b
+
+
+def test_sdpa_ring_masks_empty_slots_and_all_valid_drops_the_mask():
+    g = torch.Generator().manual_seed(5)
+    B, grid, H, D, S = 1, (2, 2), 2, 16, 4
+    T = grid[0] * grid[1]
+    keys = torch.randn(B, S * T, H, D, generator=g)
+    v = torch.randn(B, S * T, H, D, generator=g)
+    q = torch.randn(B, T, H, D, generator=g)
+    q_pos = torch.zeros(B, 1, dtype=torch.int32)
+    slot_pos = torch.tensor([[-4, 0, -(2 ** 31), -2]], dtype=torch.int32)     # slot 2 empty, wrapped order
+    safe = torch.where(slot_pos == -(2 ** 31), 0, slot_pos)
+    roped = apply_rope(keys, rope_angles(safe, *grid, D))
+    ref = window_attention_reference(q, keys, v, slot_pos, q_pos, *grid)
+    got = window_attention_sdpa_ring(q, roped, v, slot_pos, q_pos, *grid)
+    assert (got - ref).abs().max().item() <= 1e-5
+    full = slot_pos.clone()
+    full[0, 2] = 3
+    roped = apply_rope(keys, rope_angles(full, *grid, D))
+    ref = window_attention_reference(q, keys, v, full, q_pos, *grid)
+    got = window_attention_sdpa_ring(q, roped, v, full, q_pos, *grid, all_valid=True)
+    assert (got - ref).abs().max().item() <= 1e-5
+    with pytest.raises(TypeError, match="dtype"):
+        window_attention_sdpa_ring(q, roped.double(), v, full, q_pos, *grid)
+
+
+def test_sdpa_ring_is_available_on_the_cpu():
+    assert "sdpa_ring" in available_backends("cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# timed selection (an injected timer: nothing is timed on the CPU)
+# --------------------------------------------------------------------------------------------------
+SHAPE = select.AttentionShape(batch=1, frames=1, slots=2, grid_h=2, grid_w=2, heads=2, head_dim=16,
+                              dtype="float32")
+
+
+def _fake_timer(ms: dict[str, float], calls: list[str]):
+    def timer(fn):
+        name = fn.backend
+        calls.append(name)
+        if ms[name] is None:
+            raise RuntimeError("unsupported")
+        fn()
+        return ms[name]
+    return timer
+
+
+def _named_case(name, shape, device):
+    fn = select.attention_case(name, shape, device)
+    fn.backend = name
+    return fn
+
+
+def test_selection_keeps_the_fastest_logs_and_caches(caplog, tmp_path):
+    select.clear_cache()
+    calls: list[str] = []
+    ms = {"sdpa": 2.0, "sdpa_ring": 0.5, "triton": None, "reference": 9.0}
+    with caplog.at_level(logging.INFO, logger="avatar_kernels.select"):
+        got = select.fastest_backend("cpu", SHAPE, candidates=["sdpa", "sdpa_ring", "triton"],
+                                     timer=_fake_timer(ms, calls), make_case=_named_case, cache_dir=tmp_path)
+    assert got == "sdpa_ring" and calls == ["sdpa", "sdpa_ring", "triton"]
+    assert "sdpa_ring 0.500 ms" in caplog.text and "sdpa 2.000 ms" in caplog.text and "failed" in caplog.text
+    # in-process cache: no second timing, even with other times
+    ms.update(sdpa=0.1)
+    assert select.fastest_backend("cpu", SHAPE, candidates=["sdpa", "sdpa_ring", "triton"],
+                                  timer=_fake_timer(ms, calls), make_case=_named_case) == "sdpa_ring"
+    assert len(calls) == 3
+    # another shape is timed again and may choose differently
+    other = select.AttentionShape(**{**SHAPE.__dict__, "slots": 3})
+    assert select.fastest_backend("cpu", other, candidates=["sdpa", "sdpa_ring"],
+                                  timer=_fake_timer(ms, calls), make_case=_named_case) == "sdpa"
+    # on disk: a fresh process (cleared cache) reads the choice back without timing
+    select.clear_cache()
+    n = len(calls)
+    assert select.fastest_backend("cpu", SHAPE, candidates=["sdpa", "sdpa_ring"], timer=_fake_timer(ms, calls),
+                                  make_case=_named_case, cache_dir=tmp_path) == "sdpa_ring"
+    assert len(calls) == n
+    # a cached choice that is not a candidate here is not used blindly: timed again
+    select.clear_cache()
+    assert select.fastest_backend("cpu", SHAPE, candidates=["sdpa"], timer=_fake_timer(ms, calls),
+                                  make_case=_named_case, cache_dir=tmp_path) == "sdpa"
+    select.clear_cache()
+
+
+def test_selection_fails_clearly_when_nothing_runs():
+    select.clear_cache()
+    with pytest.raises(RuntimeError, match="no attention backend ran"):
+        select.fastest_backend("cpu", SHAPE, candidates=["sdpa"], timer=_fake_timer({"sdpa": None}, []),
+                               make_case=_named_case)
+
+
+def test_selection_cases_compute_the_same_attention():
+    """The timed calls are real attention calls on each layout: they agree with each other."""
+    dev = torch.device("cpu")
+    outs = {n: select.attention_case(n, SHAPE, dev)() for n in ("reference", "sdpa", "sdpa_ring")}
+    assert (outs["sdpa"] - outs["reference"]).abs().max() <= 1e-5
+    assert (outs["sdpa_ring"] - outs["reference"]).abs().max() <= 1e-5
