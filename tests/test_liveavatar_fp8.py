@@ -1,4 +1,5 @@
 """FP8 for family 2 (runtime/families/liveavatar/fp8.py): upstream's selection, and the forward stays close."""
+import pytest
 import torch
 from torch import nn
 
@@ -38,14 +39,21 @@ def test_upstream_selection_every_linear_but_the_embeddings_time_head_and_audio_
         assert isinstance(model.get_submodule(name), Fp8Linear), name
 
 
-def test_fp8_forward_tracks_fp32():
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_fp8_forward_tracks_fp32(granularity):
+    """Observed on the tiny preset: 0.030 (row) and 0.035 (tensor) with three q/k/v GEMMs; fused
+    (the default) 0.030 (row: the same product) and 0.033 (tensor: one scale for the stacked weight)."""
     ref = _model()
-    quant = _model()
-    quantize_liveavatar_fp8(quant, "row")
     inp = _inputs()
-    want, got = ref(**inp), quant(**inp)
-    rel = ((got.float() - want).norm() / want.norm()).item()
-    assert 0 < rel < 0.06, rel  # observed 0.030 (row) and 0.035 (tensor) on the tiny preset
+    want = ref(**inp)
+    errs = {}
+    for fuse in (False, True):
+        quant = _model()
+        quantize_liveavatar_fp8(quant, granularity, fuse_qkv=fuse)
+        got = quant(**inp)
+        errs[fuse] = ((got.float() - want).norm() / want.norm()).item()
+    assert all(0 < e < 0.06 for e in errs.values()), errs
+    assert errs[True] < 1.15 * errs[False], errs
 
 
 def test_query_key_value_is_query_and_key_value_fused_or_not():
@@ -59,8 +67,8 @@ def test_query_key_value_is_query_and_key_value_fused_or_not():
     got = attn.query_key_value(x)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     three, one = _model(), _model()
-    quantize_liveavatar_fp8(three, "row")
-    report = quantize_liveavatar_fp8(one, "row", fuse_qkv=True)
+    quantize_liveavatar_fp8(three, "row", fuse_qkv=False)
+    report = quantize_liveavatar_fp8(one, "row")
     assert report.fused == [f"blocks.{i}.self_attn" for i in range(TINY.num_layers)]
     a3, a1 = three.blocks[0].self_attn, one.blocks[0].self_attn
     assert isinstance(a1.qkv, FusedQKV) and not hasattr(a1, "q")

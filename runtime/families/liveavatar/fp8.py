@@ -6,10 +6,11 @@ the text cross-attention's k/v, the audio injector's attention and its AdaLayerN
 more than family 1's per-token selection (runtime/models/fp8.HOT_LINEARS), hence its own patterns; the
 FP8 linear itself (scales, `_scaled_mm`, capability checks, the fused quantiser) is shared.
 
-q/k/v fusion (one GEMM, one activation quantisation per self-attention) is off here until the
-model's self-attention reads them through `Attention.query_key_value` (one line in
-`LiveAvatarDiT._self_attention`: `q_all, k_all, v_all = attn.query_key_value(x)`); `fuse_qkv=True`
-before that would fail on the first forward (the fused attention has no `q`).
+q/k/v of each block's self-attention become one GEMM with one activation quantisation
+(runtime/models/qkv.py; the model reads them through `Attention.query_key_value`). Upstream keeps
+three per-tensor-scaled linears; with `tensor` scaling the stacked weight gets one scale (the
+largest of the three, see `quantize_dit_fp8`), with `row` scaling the product is the three exactly.
+`fuse_qkv=False` gives upstream's three.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ KEPT_IN_BF16 = re.compile(
     r"|casual_audio_encoder\.encoder\.final_linear")
 
 
-def quantize_liveavatar_fp8(model: nn.Module, granularity: str = "tensor", *, fuse_qkv: bool = False,
+def quantize_liveavatar_fp8(model: nn.Module, granularity: str = "tensor", *, fuse_qkv: bool = True,
                             fast_accum: bool = FAST_ACCUM) -> QuantizeReport:
     """Upstream's FP8 selection on a LiveAvatarDiT, in place (before any condition cache is built)."""
     return quantize_dit_fp8(model, granularity, include=ALL_LINEARS, exclude=KEPT_IN_BF16,

@@ -353,7 +353,7 @@ class LiveAvatarDiT(nn.Module):
 
     @staticmethod
     def _self_attention(attn: Attention, x: torch.Tensor, groups: list[_LayerGroup]):
-        q_all, (k_all, v_all) = attn.query(x), attn.key_value(x)
+        q_all, k_all, v_all = attn.query_key_value(x)
         out = []
         for g in groups:
             q, k, v = apply_rope(q_all[g.rows], g.rope), k_all[g.rows], v_all[g.rows]
