@@ -173,6 +173,77 @@ def test_bad_inputs_raise_clear_errors():
         AttentionConfig(block_m=48, block_n=16, num_warps=4, num_stages=2)
 
 
+# ------------------------------------------------------------------- v2 paths: TMA / pointers, splits
+# Far positions (past 1e5, where fp32 angles are coarse: the table must use the reference's own
+# cos/sin), a ring that wraps, an empty slot in the middle, T = 20 over key tiles of 16 (a partial
+# last tile in every slot), Lq = 40 over query tiles of 16.
+V2_CASE = {"B": 1, "H": 2, "D": 32, "grid": (4, 5),
+           "slot_pos": [[123457, X, 123454, 123455, 123456]], "q_pos": [[123456, 123457]]}
+
+
+def v2_inputs(dtype, seed, slot_pos=None):
+    c = V2_CASE
+    return make_inputs(c["B"], c["H"], c["D"], c["grid"], slot_pos or c["slot_pos"], c["q_pos"], dtype, seed)
+
+
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+@pytest.mark.parametrize("splits", [1, 3, 8])
+def test_v2_loads_and_splits_match_reference(tma, splits):
+    """Every (load path, split) pair: split 3 cuts the 8 (slot, tile) iterations mid-slot,
+    8 leaves shares with no work (one dummy iteration each, reset)."""
+    dev, ref = v2_inputs(torch.float32, seed=11)
+    cfg = AttentionConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, splits=splits, tma=tma)
+    out = torch.full_like(dev[0], float("nan"))
+    window_attention_triton(*dev, *V2_CASE["grid"], out=out, config=cfg)
+    check(out, ref, V2_CASE["grid"], torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_v2_half_precision_with_split(dtype):
+    dev, ref = v2_inputs(dtype, seed=12)
+    cfg = AttentionConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, splits=3)
+    check(window_attention_triton(*dev, *V2_CASE["grid"], config=cfg), ref, V2_CASE["grid"], dtype)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_v2_rows_without_a_valid_slot_are_nan(splits):
+    """A batch row whose ring is empty gets NaN (softmax over nothing, like the reference) and does
+    not disturb the other row; its NaN-poisoned ring is never read into the other row."""
+    slot_pos = [[X, X, X], [5, X, 4]]
+    dev, ref = make_inputs(2, 1, 32, (2, 3), slot_pos, [[5], [5]], torch.float32, seed=13)
+    cfg = AttentionConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, splits=splits)
+    out = window_attention_triton(*dev, 2, 3, config=cfg)
+    expected = reference(*ref, (2, 3))
+    assert torch.isnan(expected[0]).all() and torch.isnan(out[0]).all()
+    torch.testing.assert_close(out[1], expected[1], atol=1e-5, rtol=1e-5)
+
+
+def test_slot_tables_list_valid_slots_first():
+    """order: valid slots in slot order then S; the frame tables are the identity past the count."""
+    from avatar_kernels.window_attention import _slot_tables
+    slot_pos = torch.tensor([[7, X, 5, X, 6]], dtype=torch.int32, device=DEVICE)
+    q_pos = torch.tensor([[7, 8]], dtype=torch.int32, device=DEVICE)
+    order, count, fcos, fsin = _slot_tables(slot_pos, q_pos, 32, 1e4, 6)
+    assert order.tolist() == [[0, 2, 4, 5, 5]] and count.tolist() == [3]
+    assert (fcos[:, :, 3:] == 1).all() and (fsin[:, :, 3:] == 0).all()
+    # frame pair 0 has inverse frequency 1: the angle of (q frame 8, slot 2 at position 5) is 3
+    torch.testing.assert_close(fcos[0, 1, 1, 0], torch.tensor(3.0).cos(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(fsin[0, 1, 1, 0], torch.tensor(3.0).sin(), atol=1e-6, rtol=0)
+
+
+def test_split_plan_fills_132_sms():
+    """The wave arithmetic of the real shape (12 heads, Lq = 3 T, 128-row tiles, one CTA per SM):
+    512x512 is 288 query tiles (3 waves at 72.7 %), split 3 gives 864 CTAs in 7 waves (93.5 %);
+    480x832 is 444 (4 waves, 84.1 %), split 2 gives 888 in 7 waves (96.1 %)."""
+    from avatar_kernels.window_attention import plan_splits, wave_efficiency
+    assert wave_efficiency(288, 132) == pytest.approx(288 / 396)
+    assert plan_splits(288, 132) == 3 and wave_efficiency(864, 132) == pytest.approx(864 / 924)
+    assert plan_splits(444, 132) == 2 and wave_efficiency(888, 132) == pytest.approx(888 / 924)
+    assert plan_splits(1320, 132) == 1                      # already whole waves: no split
+    with pytest.raises(ValueError, match="splits"):
+        AttentionConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, splits=9)
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 def _real_shape_inputs(slot_pos, seed, grid=(32, 32)):
     g = torch.Generator(device="cuda").manual_seed(seed)
