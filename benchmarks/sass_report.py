@@ -2,11 +2,15 @@
 
 Triton compiles ahead of time for a named target (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptxas
 it ships), and it ships nvdisasm and cuobjdump too. This reads, for each kernel at the real shape:
-registers and stack per thread, shared memory, and the innermost loop that holds MMAs (the attention's
-key loop): its length in SASS instructions, its wgmma (HGMMA) and special-function (MUFU: exp2, sin,
-cos) counts, and whether it touches local memory (a spill). These are proxies, not speed: they explain
-a tile choice and catch regressions (a spill, rotation work creeping back into the key loop), and the
-GPU benchmark (benchmarks/bench_kernels.py) overrules them.
+registers and stack per thread, shared memory, resident CTAs per SM (sm_90 limits), and the innermost
+loop that holds MMAs (the attention's key loop): its length in SASS instructions (all of it, and the
+part that runs on every iteration, without the blocks a forward branch skips), its wgmma (HGMMA),
+wgmma waits (one per HGMMA: ptxas serialised them), CTA barriers (BAR.SYNC), TMA loads (UTMALDG) and
+special-function (MUFU: exp2, sin, cos) counts, and whether it touches local memory (a spill); for the
+attention also the wave efficiency of its launch grid at the real shape on an H200 (132 SMs). These
+are proxies, not speed: they explain a tile choice and catch regressions (a spill, serialised wgmma,
+rotation work creeping back into the key loop), and the GPU benchmark (benchmarks/bench_kernels.py)
+overrules them.
 
 Run:  python -m benchmarks.sass_report [--json out.json]
 Compiling must happen in a process where Triton's interpreter has not run (TRITON_INTERPRET unset).
@@ -135,17 +139,39 @@ def compile_norms(dim: int = 1536):
 # --------------------------------------------------------------------------------------------------
 # Reading the cubin
 # --------------------------------------------------------------------------------------------------
+# sm_90 per-SM limits (CUDA occupancy calculator, compute capability 9.0)
+SM90_REGS = 65536            # 32-bit registers per SM
+SM90_REG_UNIT = 256          # registers are allocated per warp in units of 256
+SM90_SMEM = 228 * 1024       # shared memory per SM ...
+SM90_SMEM_PER_CTA = 227 * 1024   # ... of which one block may use at most this
+SM90_SMEM_RESERVED = 1024    # reserved per resident block by the system
+SM90_WARPS = 64
+SM90_CTAS = 32
+
+
 @dataclass
 class KernelReport:
     name: str
     registers: int
     stack_bytes: int
     shared_bytes: int
+    num_warps: int
     instructions: int
     loop_instructions: int | None     # the innermost loop holding MMAs (None: no such loop)
+    loop_hot_instructions: int | None  # the same without its conditional (forward-branched) blocks
     loop_hgmma: int
+    loop_wgmma_waits: int             # WARPGROUP.DEPBAR: one per HGMMA means ptxas serialised them
+    loop_bar_sync: int                # CTA barriers in the loop ...
+    loop_hot_bar_sync: int            # ... and on its unconditional path (every key tile)
+    loop_utmaldg: int                 # TMA loads issued in the loop
+    utmaldg: int                      # TMA loads in the whole kernel
     loop_mufu: int
     loop_local_memory: int            # LDL/STL in that loop: register spills
+    ctas_per_sm: int
+    occupancy_limit: str              # what bounds ctas_per_sm: registers, shared, warps or ctas
+    grid_ctas: int | None = None      # the launch grid at the real shape (attention only)
+    waves: int | None = None          # on H200_SMS SMs at ctas_per_sm
+    wave_efficiency: float | None = None
 
 
 def _tool(name: str) -> str:
@@ -178,28 +204,83 @@ def _instructions(sass: str) -> tuple[list[str], dict[str, int]]:
     return instr, labels
 
 
-def _innermost_mma_loop(instr: list[str], labels: dict[str, int]) -> list[str] | None:
-    """The shortest backward-branch range that contains an HGMMA (or HMMA: pre-Hopper)."""
+def _branch_target(text: str, labels: dict[str, int]) -> int | None:
+    target = re.search(r"BRA\s+(?:[!U]?P\w+,\s*)?`?\((\.L_x_\d+)\)", text)
+    return labels.get(target.group(1)) if target else None
+
+
+def _innermost_mma_loop_range(instr: list[str], labels: dict[str, int]) -> tuple[int, int] | None:
+    """[start, end] of the shortest backward-branch range that contains an HGMMA (or HMMA:
+    pre-Hopper)."""
     loops = []
     for end, text in enumerate(instr):
-        target = re.search(r"BRA\s+`?\((\.L_x_\d+)\)", text)
-        if target and labels.get(target.group(1), end + 1) <= end:
-            body = instr[labels[target.group(1)]:end + 1]
-            if any("HGMMA" in x or "HMMA" in x for x in body):
-                loops.append(body)
-    return min(loops, key=len) if loops else None
+        start = _branch_target(text, labels)
+        if start is not None and start <= end and any("HGMMA" in x or "HMMA" in x for x in instr[start:end + 1]):
+            loops.append((start, end))
+    return min(loops, key=lambda r: r[1] - r[0]) if loops else None
 
 
-def report(name: str, kernel) -> KernelReport:
+def _innermost_mma_loop(instr: list[str], labels: dict[str, int]) -> list[str] | None:
+    span = _innermost_mma_loop_range(instr, labels)
+    return instr[span[0]:span[1] + 1] if span else None
+
+
+def _conditional_indices(instr: list[str], labels: dict[str, int], start: int, end: int) -> set[int]:
+    """Instructions of [start, end] that a predicated forward branch inside the range can jump over
+    (the slot-change and partial-tile blocks of the attention loop): not run on every iteration."""
+    skipped: set[int] = set()
+    for i in range(start, end + 1):
+        target = _branch_target(instr[i], labels)
+        if target is not None and instr[i].startswith("@") and i < target <= end + 1:
+            skipped.update(range(i + 1, target))
+    return skipped
+
+
+def ctas_per_sm(registers: int, shared_bytes: int, num_warps: int) -> tuple[int, str]:
+    """Resident CTAs per sm_90 SM and the resource that bounds it (ties: the first of registers,
+    shared, warps, ctas)."""
+    regs_per_warp = -(-registers * 32 // SM90_REG_UNIT) * SM90_REG_UNIT
+    limits = {"registers": SM90_REGS // (regs_per_warp * num_warps),
+              "shared": (0 if shared_bytes > SM90_SMEM_PER_CTA
+                         else SM90_SMEM // (shared_bytes + SM90_SMEM_RESERVED)),
+              "warps": SM90_WARPS // num_warps, "ctas": SM90_CTAS}
+    limit = min(limits, key=limits.get)
+    return limits[limit], limit
+
+
+def waves(grid_ctas: int, ctas_per_sm_: int, n_sm: int = H200_SMS) -> tuple[int, float]:
+    """Waves of a grid of equal CTAs and the busy fraction of the GPU over them."""
+    slots = n_sm * max(ctas_per_sm_, 1)
+    return -(-grid_ctas // slots), window_attention.wave_efficiency(grid_ctas, slots)
+
+
+def parse(name: str, sass: str, registers: int, stack_bytes: int, shared_bytes: int, num_warps: int,
+          grid_ctas: int | None = None) -> KernelReport:
+    """A KernelReport from disassembled SASS text and the kernel's resource usage."""
+    instr, labels = _instructions(sass)
+    span = _innermost_mma_loop_range(instr, labels)
+    loop_idx = range(span[0], span[1] + 1) if span else range(0)
+    hot_idx = [i for i in loop_idx if i not in _conditional_indices(instr, labels, *span)] if span else []
+    loop = [instr[i] for i in loop_idx]
+    hot = [instr[i] for i in hot_idx]
+    occ, limit = ctas_per_sm(registers, shared_bytes, num_warps)
+    n_waves, eff = waves(grid_ctas, occ) if grid_ctas else (None, None)
+    return KernelReport(
+        name=name, registers=registers, stack_bytes=stack_bytes, shared_bytes=shared_bytes,
+        num_warps=num_warps, instructions=len(instr), loop_instructions=len(loop) or None,
+        loop_hot_instructions=len(hot) or None, loop_hgmma=sum("HGMMA" in x for x in loop),
+        loop_wgmma_waits=sum("WARPGROUP.DEPBAR" in x for x in loop),
+        loop_bar_sync=sum("BAR.SYNC" in x for x in loop), loop_hot_bar_sync=sum("BAR.SYNC" in x for x in hot),
+        loop_utmaldg=sum("UTMALDG" in x for x in loop), utmaldg=sum("UTMALDG" in x for x in instr),
+        loop_mufu=sum("MUFU" in x for x in loop),
+        loop_local_memory=sum(bool(re.search(r"\b(LDL|STL)\b", x)) for x in loop),
+        ctas_per_sm=occ, occupancy_limit=limit, grid_ctas=grid_ctas, waves=n_waves, wave_efficiency=eff)
+
+
+def report(name: str, kernel, grid_ctas: int | None = None) -> KernelReport:
     sass, usage = _disassemble(kernel.asm["cubin"])
     regs, stack = (int(v) for v in re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
-    instr, labels = _instructions(sass)
-    loop = _innermost_mma_loop(instr, labels) or []
-    return KernelReport(
-        name=name, registers=regs, stack_bytes=stack, shared_bytes=int(kernel.metadata.shared),
-        instructions=len(instr), loop_instructions=len(loop) or None,
-        loop_hgmma=sum("HGMMA" in x for x in loop), loop_mufu=sum("MUFU" in x for x in loop),
-        loop_local_memory=sum(bool(re.search(r"\b(LDL|STL)\b", x)) for x in loop))
+    return parse(name, sass, regs, stack, int(kernel.metadata.shared), int(kernel.metadata.num_warps), grid_ctas)
 
 
 def opcode_histogram(kernel, top: int = 20) -> list[tuple[str, int]]:
@@ -209,22 +290,43 @@ def opcode_histogram(kernel, top: int = 20) -> list[tuple[str, int]]:
     return Counter(re.sub(r"^@!?U?P\w+\s+", "", x).split()[0].split(".")[0] for x in loop).most_common(top)
 
 
+def attention_grid(tokens_per_frame: int, config: window_attention.AttentionConfig | None = None) -> int:
+    """CTAs of the launcher's grid at the real shape on an H200: query tiles x heads x key split."""
+    cfg = config or window_attention.default_attention_config(128, torch.bfloat16, torch.device("cuda"))
+    tiles = attention_query_tiles(tokens_per_frame, cfg.block_m)
+    return tiles * (cfg.splits or window_attention.plan_splits(tiles, H200_SMS))
+
+
 def all_reports() -> list[KernelReport]:
     bf16 = triton.language.bfloat16
     out = []
-    for tokens, label in ((1024, "512x512"), (1560, "480x832")):
+    for label, tokens in RESOLUTIONS.items():
         kernel = compile_attention(HOPPER, "bf16", bf16, 128, torch.bfloat16, tokens)
-        out.append(report(f"window_attention bf16 D128 {label} (default tiles)", kernel))
-    for cfg in ((128, 64, 8, 3), (128, 128, 8, 2)):
-        kernel = compile_attention(HOPPER, "bf16", bf16, 128, torch.bfloat16, 1024,
-                                   window_attention.AttentionConfig(*cfg))
-        out.append(report("window_attention bf16 D128 512x512 bm{}_bn{}_w{}_s{}".format(*cfg), kernel))
+        out.append(report(f"window_attention bf16 D128 {label} (default tiles)", kernel, attention_grid(tokens)))
+    for cfg in ((128, 64, 8, 3), (128, 64, 8, 2)):
+        config = window_attention.AttentionConfig(*cfg)
+        kernel = compile_attention(HOPPER, "bf16", bf16, 128, torch.bfloat16, 1024, config)
+        out.append(report("window_attention bf16 D128 512x512 bm{}_bn{}_w{}_s{}".format(*cfg), kernel,
+                          attention_grid(1024, config)))
     out.append(report("qk_norm_kv_write bf16 1536 (un-roped)", compile_kv_write(rope=False)))
     out.append(report("qk_norm_kv_write bf16 1536 (spatial RoPE)", compile_kv_write(rope=True)))
     ln, gr = compile_norms()
     out.append(report("layernorm_modulate bf16 1536", ln))
     out.append(report("gated_residual bf16 1536", gr))
     return out
+
+
+def format_report(r: KernelReport) -> str:
+    head = (f"{r.name}: {r.registers} regs, stack {r.stack_bytes} B, smem {r.shared_bytes} B, {r.num_warps} warps "
+            f"-> {r.ctas_per_sm} CTA/SM ({r.occupancy_limit}); {r.instructions} instr, {r.utmaldg} UTMALDG")
+    if r.loop_instructions:
+        head += (f"\n    loop {r.loop_instructions} instr ({r.loop_hot_instructions} every iteration), "
+                 f"{r.loop_hgmma} HGMMA, {r.loop_wgmma_waits} wgmma waits, BAR.SYNC {r.loop_bar_sync} "
+                 f"({r.loop_hot_bar_sync} every iteration), {r.loop_utmaldg} UTMALDG, {r.loop_mufu} MUFU, "
+                 f"{r.loop_local_memory} local")
+    if r.grid_ctas:
+        head += f"\n    grid {r.grid_ctas} CTAs: {r.waves} waves on {H200_SMS} SMs, {100 * r.wave_efficiency:.1f} %"
+    return head
 
 
 def main(argv: list[str]) -> int:
@@ -236,10 +338,7 @@ def main(argv: list[str]) -> int:
         return 1
     reports = all_reports()
     for r in reports:
-        loop = (f"loop {r.loop_instructions} instr, {r.loop_hgmma} HGMMA, {r.loop_mufu} MUFU, "
-                f"{r.loop_local_memory} local" if r.loop_instructions else "no MMA loop")
-        print(f"{r.name:55s} {r.registers:3d} regs, stack {r.stack_bytes:3d} B, smem {r.shared_bytes:6d} B, "
-              f"{r.instructions:5d} instr; {loop}")
+        print(format_report(r))
     if "--json" in argv:
         with open(argv[argv.index("--json") + 1], "w") as f:
             json.dump([asdict(r) for r in reports], f, indent=2)
