@@ -372,10 +372,12 @@ _INTERPRETER_CONFIG = AttentionConfig(block_m=16, block_n=16, num_warps=1, num_s
 # GPU, 16-bit inputs, head_dim <= 128 (the real shape is 128). Chosen offline from sm_90 SASS (no GPU
 # was available; reproduce with `python -m benchmarks.sass_report`): 128 query rows over 8 warps
 # (two warpgroups of m64 wgmma) keep the fp32 accumulator at 64 registers a thread; 128-key tiles
-# pay the loop's fixed cost (barriers, the alpha rescale) half as often as 64-key ones. Two stages of
-# 128-key K/V tiles are 128 KB of shared memory: one CTA per SM (`CTAS_PER_SM`), which is why the
-# grid is split over keys. benchmarks/bench_kernels.py sweeps the alternatives on a GPU; its numbers
-# overrule this choice.
+# pay the loop's fixed cost (barriers, TMA issue, the alpha rescale) at 588 SASS instructions a
+# thread per 128 keys against 430 per 64 keys at BLOCK_N 64. Two stages of 128-key K/V tiles (128 KB)
+# plus the q tile's 32 KB staging are 160 KB of shared memory, and 255 registers a thread use all
+# 65536 of an SM at 8 warps: one CTA per SM (`CTAS_PER_SM`), which is why the grid is split over
+# keys. benchmarks/bench_kernels.py sweeps the alternatives on a GPU; its numbers overrule this
+# choice.
 _GPU_CONFIG = AttentionConfig(block_m=128, block_n=128, num_warps=8, num_stages=2)
 # GPU, head_dim above 128 or fp32 inputs: tiles twice as wide in bytes, so halve them.
 _GPU_CONFIG_WIDE = AttentionConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
@@ -459,8 +461,11 @@ def _check_attention_inputs(q, k_ring, v_ring, slot_pos, q_pos, grid_h, grid_w) 
 def _kv_descriptor(ring: torch.Tensor, S: int, T: int, cfg: AttentionConfig, block_d: int):
     """A TMA descriptor of the ring as [B, S, T, H, D] (rows past a frame's T tokens are out of
     bounds and read as zero), or None where TMA cannot take it: not wanted, a Triton without
-    descriptors, a base or stride that is not 16-byte aligned."""
+    descriptors, a GPU before sm_90 (no TMA), a base or stride that is not 16-byte aligned. The
+    interpreter runs descriptors too (tests cover both paths)."""
     if not cfg.tma or TensorDescriptor is None:
+        return None
+    if ring.device.type == "cuda" and torch.cuda.get_device_capability(ring.device)[0] < 9:
         return None
     B, _, H, D = ring.shape
     sb, sl, sh, _ = ring.stride()

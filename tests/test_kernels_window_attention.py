@@ -271,3 +271,14 @@ def test_gpu_real_shape_matches_reference(slot_pos, grid):
     out = window_attention_triton(q, k, v, sp, qp, *grid)
     expected = reference(q, k, v, sp, qp, grid)
     torch.testing.assert_close(out.float(), expected, atol=TOL[torch.bfloat16], rtol=TOL[torch.bfloat16])
+
+
+def test_misaligned_ring_falls_back_to_pointer_loads():
+    """TMA needs 16-byte aligned strides: fp16 with H * D = 3 * 6 (36-byte rows) gets no descriptor
+    (pointer loads) and still matches the reference; an aligned ring gets one."""
+    from avatar_kernels.window_attention import _INTERPRETER_CONFIG, _kv_descriptor
+    dev, ref = make_inputs(1, 3, 6, (2, 3), [[1, X, 0]], [[1]], torch.float16, seed=14)
+    assert _kv_descriptor(dev[1], 3, 6, _INTERPRETER_CONFIG, 8) is None
+    check(window_attention_triton(*dev, 2, 3), ref, (2, 3), torch.float16)
+    aligned, _ = make_inputs(1, 2, 32, (2, 3), [[1, X, 0]], [[1]], torch.float16, seed=14)
+    assert _kv_descriptor(aligned[1], 3, 6, _INTERPRETER_CONFIG, 32) is not None
