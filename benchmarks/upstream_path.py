@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from runtime.config import CacheConfig, EngineConfig
 from runtime.models.dit import CausalAudioDiT
+from runtime.models.qkv import project_qkv
 
 UPSTREAM_MAX_POSITIONS = 1024
 
@@ -184,9 +185,10 @@ class UpstreamDiT:
 
     def _self_attn(self, i, sa, x, cache: ConcatKVCache, f0: int, grid, commit: bool) -> torch.Tensor:
         H, eps = self.cfg.num_heads, self.cfg.eps
-        q = rope_apply_f64(_rms(sa.q(x), sa.norm_q.weight, eps).unflatten(-1, (H, -1)), self.table, f0, grid)
-        k = rope_apply_f64(_rms(sa.k(x), sa.norm_k.weight, eps).unflatten(-1, (H, -1)), self.table, f0, grid)
-        v = sa.v(x).unflatten(-1, (H, -1))
+        qx, kx, vx = project_qkv(sa, x)      # three linears, or one GEMM once FP8 fused them
+        q = rope_apply_f64(_rms(qx, sa.norm_q.weight, eps).unflatten(-1, (H, -1)), self.table, f0, grid)
+        k = rope_apply_f64(_rms(kx, sa.norm_k.weight, eps).unflatten(-1, (H, -1)), self.table, f0, grid)
+        v = vx.unflatten(-1, (H, -1))
         k_all, v_all = cache.concat(i, k, v)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2))
         if commit:

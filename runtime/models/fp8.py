@@ -44,10 +44,11 @@ HOT_LINEARS = re.compile(r"blocks\.\d+\.(self_attn\.(q|k|v|o)|cross_attn\.(q|o)|
 MIN_CAPABILITY = {"tensor": (8, 9), "row": (9, 0)}
 KERNELS = ("auto", "triton", "torch")
 # `_scaled_mm(use_fast_accum=True)`: on Hopper the FP8 MMA accumulates in a narrower (~22-bit)
-# accumulator that CUTLASS promotes to fp32 less often; faster, slightly less exact. It is what FP8
-# inference recipes use for the forward pass (torchao's Float8MMConfig, fbgemm's rowwise GEMMs, the
-# Live Avatar recipe), so it is the default; False gives the fully promoted fp32 accumulation. The
-# CPU kernel ignores the flag (bit-identical either way), so its numeric effect is unmeasured here.
+# accumulator that is not promoted to fp32 every few k-steps; faster, slightly less exact. FP8
+# inference recipes take it for the forward pass (torchao's Float8MMConfig for inference, fbgemm's
+# rowwise FP8 GEMMs; Live Avatar's own flag is not checked against its code here), so it is the
+# default; False gives the promoted fp32 accumulation. The CPU kernel ignores the flag (bit-identical
+# either way, tests/test_fp8.py), so its numeric effect is unmeasured here: a GPU check is owed.
 FAST_ACCUM = True
 
 
@@ -70,6 +71,8 @@ def quantize_activation(x: torch.Tensor, granularity: str, kernel: str = "auto")
     triton installed ("auto"), or always ("triton"; the CPU then needs TRITON_INTERPRET=1), else eager."""
     if kernel == "triton" or (kernel == "auto" and x.is_cuda and triton_available()):
         from avatar_kernels.fp8_quant import quantize_e4m3_triton
+        if x.stride(-1) != 1:      # the kernel reads rows along a contiguous last dim
+            x = x.contiguous()
         return quantize_e4m3_triton(x, granularity)
     return quantize_e4m3(x, granularity)
 
