@@ -223,6 +223,8 @@ class StageGraphs:
     def load_block(self, s, w) -> None:
         """Per-block inputs in: the ring plan (after the previous refresh), the noise, the audio condition."""
         w.plan = s.plan.update(w.host_plan)
+        cfg = self.engine.config
+        s.ring.follow(w.plan, cfg.tokens_per_frame, cfg.dit.rope_theta)   # fully roped rings only
         self.buffers.noise.copy_(w.noise)
         self.buffers.audio.copy_(w.inputs.audio)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from avatar_kernels.backends import RopedRingState, follow_positions_
 from avatar_kernels.window_attention import INVALID_POS
 
 from .config import CacheConfig, EngineConfig
@@ -77,20 +78,39 @@ def plan_block(block_index: int, cache: CacheConfig, batch: int = 1) -> BlockPla
 class KVRing:
     k: torch.Tensor  # [layers, B, S*T, H, D]
     v: torch.Tensor
+    # With fully roped keys (the sdpa_ring backend): the positions they carry and the sink's copy
+    roped: RopedRingState | None = None
 
     @classmethod
-    def allocate(cls, cfg: EngineConfig, batch: int, device, dtype) -> KVRing:
+    def allocate(cls, cfg: EngineConfig, batch: int, device, dtype, *, roped: bool = False) -> KVRing:
         d = cfg.dit
         shape = (d.num_layers, batch, cfg.cache.window_frames * cfg.tokens_per_frame, d.num_heads, d.head_dim)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        k = torch.zeros(shape, device=device, dtype=dtype)
+        state = RopedRingState.allocate(k, cfg.cache.window_frames, cfg.cache.sink_frames) if roped else None
+        return cls(k, torch.zeros(shape, device=device, dtype=dtype), state)
+
+    def rows(self, start: int, stop: int) -> KVRing:
+        """Batch rows start..stop-1 (views)."""
+        roped = self.roped.rows(start, stop) if self.roped is not None else None
+        return KVRing(self.k[:, start:stop], self.v[:, start:stop], roped)
 
     def clear(self) -> None:
         self.k.zero_()
         self.v.zero_()
+        if self.roped is not None:
+            self.roped.reset()
+
+    def follow(self, plan: BlockPlan, tokens_per_frame: int, theta: float) -> None:
+        """Before a block's first forward: keys stored fully roped turn to the block's positions
+        (`avatar_kernels.backends.follow_positions_`; the plan rebases positions every block, so every
+        visible frame moves). A no-op for rings of un-roped keys. `plan` is on the ring's device."""
+        if self.roped is not None:
+            follow_positions_(self.k, self.roped, plan.slot_pos, plan.write_slots, tokens_per_frame, theta)
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        extra = self.roped.anchors.numel() * self.roped.anchors.element_size() if self.roped is not None else 0
+        return 2 * self.k.numel() * self.k.element_size() + extra
 
 
 @dataclass

@@ -6,13 +6,18 @@ choice; never by GPU name) and returns the class of ops to use. Every variant ha
 
 A ring is written and read by one class, whose KV write and attention agree on the key layout:
 `TritonOps` stores keys with their height/width rotation already applied (avatar_kernels/window_attention.py),
-the others store them un-roped; both are un-roped in time, so a position shift never rewrites them.
+`SdpaRingOps` fully roped (so SDPA reads the ring as it lies; the ring then follows each block's
+positions: `runtime.session.KVRing.follow`, and is allocated with `roped=SdpaRingOps.roped_ring`), the
+others un-roped. Only the fully roped ring is rewritten when positions shift.
+
+On CUDA, `auto` with the engine's attention shape times the capable backends once and keeps the
+fastest (avatar_kernels/select.py); on the CPU it stays `sdpa`.
 """
 from __future__ import annotations
 
 import torch
 
-from avatar_kernels import backends
+from avatar_kernels import backends, select
 from avatar_kernels.kv_write import qk_norm_kv_write_reference, qk_norm_kv_write_triton, rms_norm_reference
 from avatar_kernels.norm_modulate import (
     gated_residual_reference,
@@ -25,6 +30,7 @@ from avatar_kernels.window_attention import window_attention_reference, window_a
 
 class Ops:
     name = "reference"
+    roped_ring = False       # the ring's keys carry their frame rotation (KVRing.allocate(roped=...))
 
     @staticmethod
     def rms_norm(x, weight, eps):
@@ -54,6 +60,36 @@ class SdpaOps(Ops):
     @staticmethod
     def window_attention(q, ring_k, ring_v, slot_pos, q_pos, grid, theta):
         return backends.window_attention_sdpa(q, ring_k, ring_v, slot_pos, q_pos, grid[0], grid[1], theta)
+
+
+_block_positions: dict[tuple, torch.Tensor] = {}
+
+
+def block_positions(batch: int, frames: int, device: torch.device) -> torch.Tensor:
+    """[batch, frames] int32 0..frames-1: where runtime.session.plan_block puts a block's own frames
+    (positions are rebased to the block every block), so a block's keys are stored at these. Built on
+    the device once per shape (no upload; warm up before graph capture)."""
+    key = (batch, frames, torch.device(device))
+    if key not in _block_positions:
+        _block_positions[key] = torch.arange(frames, dtype=torch.int32, device=device).expand(batch, -1).contiguous()
+    return _block_positions[key]
+
+
+class SdpaRingOps(Ops):
+    """torch SDPA straight over a ring of fully roped keys (no roped copy of the ring per call); the KV
+    write stores keys fully roped (Triton on CUDA / under the interpreter); other ops eager."""
+    name = "sdpa_ring"
+    roped_ring = True
+
+    @staticmethod
+    def qk_norm_kv_write(q, k, v, q_weight, k_weight, eps, ring_k, ring_v, write_slots, grid, theta):
+        pos = block_positions(write_slots.shape[0], write_slots.shape[1], q.device)
+        return backends.qk_norm_kv_write(q, k, v, q_weight, k_weight, eps, ring_k, ring_v, write_slots,
+                                         rope_grid=grid, rope_theta=theta, frame_pos=pos, backend="sdpa_ring")
+
+    @staticmethod
+    def window_attention(q, ring_k, ring_v, slot_pos, q_pos, grid, theta):
+        return backends.window_attention_sdpa_ring(q, ring_k, ring_v, slot_pos, q_pos, grid[0], grid[1], theta)
 
 
 class FlashAttnOps(Ops):
@@ -86,9 +122,15 @@ class TritonOps(Ops):
         return gated_residual_triton(x, y, gate, tokens_per_frame)
 
 
-_BY_NAME = {cls.name: cls for cls in (Ops, SdpaOps, FlashAttnOps, TritonOps)}
+_BY_NAME = {cls.name: cls for cls in (Ops, SdpaOps, FlashAttnOps, TritonOps, SdpaRingOps)}
 
 
-def ops_for(backend: str = "auto", device: torch.device | str = "cpu") -> type[Ops]:
-    """The ops class for `backend` on `device` ("auto" picks by capability; the choice is logged)."""
+def ops_for(backend: str = "auto", device: torch.device | str = "cpu",
+            shape: select.AttentionShape | None = None) -> type[Ops]:
+    """The ops class for `backend` on `device` ("auto" picks by capability; the choice is logged).
+    With `shape` (the engine's attention), `auto` on CUDA times the capable backends there once and
+    keeps the fastest (avatar_kernels.select.fastest_backend; cached per device and shape)."""
+    device = torch.device(device)
+    if backend == "auto" and shape is not None and device.type == "cuda":
+        return _BY_NAME[select.fastest_backend(device, shape)]
     return _BY_NAME[backends.select_backend(device, backend)]

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from avatar_kernels.select import AttentionShape
+
 from ...audio import AudioEncoder, AudioStream
 from ...checkpoint import load_into, read_state_dict
 from ...config import PRESETS, EngineConfig
@@ -36,6 +38,14 @@ def timeline_of(config: EngineConfig) -> Timeline:
                     lookahead_frames=config.audio.window_frames(config.fps)[1])
 
 
+def attention_shape(config: EngineConfig, dtype: torch.dtype) -> AttentionShape:
+    """One session's self-attention of one layer: what `auto` times on CUDA to pick a backend."""
+    d = config.dit
+    return AttentionShape(batch=1, frames=config.cache.block_frames, slots=config.cache.window_frames,
+                          grid_h=config.token_grid[0], grid_w=config.token_grid[1], heads=d.num_heads,
+                          head_dim=d.head_dim, dtype=str(dtype).removeprefix("torch."))
+
+
 @register
 class LiveTalk(LiveTalkStages):
     """The LiveTalk family: a causal audio DiT over a KV ring (one clean ring, refreshed at t=0),
@@ -56,11 +66,12 @@ class LiveTalk(LiveTalkStages):
         self.device = torch.device(device)
         self.dtype = dtype
         self.dit, self.vae, self.audio_encoder, self.taehv = dit, vae, audio_encoder, taehv
-        self.ops: type[Ops] = ops_for(backend, self.device)
+        self.ops: type[Ops] = ops_for(backend, self.device, attention_shape(config, dtype))
         self.timeline = timeline_of(config)
         self.batch = 1  # rows of the single-session stages (stage_denoise, ...); rounds batch `rows`
         self.max_sessions = max_sessions
-        self.rows = SharedRows.allocate(config, self.padded(max_sessions), self.device, dtype)
+        self.rows = SharedRows.allocate(config, self.padded(max_sessions), self.device, dtype,
+                                        roped=self.ops.roped_ring)
         self._mods = self.time_mods(self.rows.batch)
         self.opened = False                                # a session has run on these weights
         self.quantization: QuantizeReport | None = None   # set by quantize()

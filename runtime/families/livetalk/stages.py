@@ -80,16 +80,16 @@ class SharedRows:
     batch: int
 
     @classmethod
-    def allocate(cls, cfg: EngineConfig, batch: int, device, dtype) -> SharedRows:
+    def allocate(cls, cfg: EngineConfig, batch: int, device, dtype, *, roped: bool = False) -> SharedRows:
         d = cfg.dit
         shape = (batch, d.text_len, d.num_heads, d.head_dim)
         text_kv = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
                    for _ in range(d.num_layers)]
-        return cls(ring=KVRing.allocate(cfg, batch, device, dtype), text_kv=text_kv,
+        return cls(ring=KVRing.allocate(cfg, batch, device, dtype, roped=roped), text_kv=text_kv,
                    plan=StaticPlan.allocate(cfg.cache, batch, device), batch=batch)
 
     def ring_row(self, slot: int) -> KVRing:
-        return KVRing(self.ring.k[:, slot:slot + 1], self.ring.v[:, slot:slot + 1])
+        return self.ring.rows(slot, slot + 1)
 
     def set_text_kv(self, slot: int, text_kv) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Copy a session's text K/V into its row; returns the row views."""
@@ -161,6 +161,7 @@ class LiveTalkStages(Family):
         if step == 0:
             # The static plan changes only here, after the previous block's refresh has used it.
             w.plan = s.plan.update(w.host_plan)
+            s.ring.follow(w.plan, self.config.tokens_per_frame, self.config.dit.rope_theta)
             w.x = w.inputs.noise[0]
         w.x = denoise_step(self.dit, self.ops, w.inputs, w.x, step, self.mods_for(1)[step],
                            self.config.sampler.sigmas, s.text_kv, s.ring.k, s.ring.v, w.plan)
@@ -254,9 +255,23 @@ class _Round:
             torch.cuda.current_stream(self.family.device).wait_event(self.inputs_ready)
         for name in ("write_slots", "slot_pos", "q_pos"):
             copy_into(getattr(self.plan, name), getattr(self.host_plan, name))
+        self._follow_positions()
         span = self._padding_span()
         self.saved = [(self.ring_k[:, j, span].clone(), self.ring_v[:, j, span].clone()) for j in self.padding]
         self.x = self.inputs.noise[0]
+
+    def _follow_positions(self) -> None:
+        """A ring of fully roped keys turns to this round's positions, row by row (padded rows are not
+        touched: their written slots are restored after the refresh)."""
+        f = self.family
+        ring = f.rows.ring
+        if ring.roped is None:
+            return
+        cfg = f.config
+        for row in self.rows:
+            j = row.slot
+            plan = BlockPlan(*(getattr(self.plan, n)[j:j + 1] for n in ("write_slots", "slot_pos", "q_pos")))
+            ring.rows(j, j + 1).follow(plan, cfg.tokens_per_frame, cfg.dit.rope_theta)
 
     def _padding_span(self) -> slice:
         """Ring tokens of block 0's write slots (0..F-1): what a padded row's forward writes."""
