@@ -72,8 +72,10 @@ def awkward(M: int, K: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("granularity", GRANULARITIES)
-@pytest.mark.parametrize("shape", [(1, 1), (37, 100), (6, 129), (70, 48)])
+@pytest.mark.parametrize("shape", [(1, 1), (37, 100), (6, 129), (70, 48), (9, 2050)])
 def test_equals_the_unfused_quantiser_bit_for_bit(shape, granularity, dtype):
+    """(9, 2050): 2 rows a program, so 5 programs, the last one partial; the largest row (5) is in
+    program 2, so the per-tensor amax must cross programs."""
     x = awkward(*shape, dtype, seed=sum(shape))
     assert x.isfinite().all()
     assert_bitwise(x, granularity)
@@ -82,7 +84,7 @@ def test_equals_the_unfused_quantiser_bit_for_bit(shape, granularity, dtype):
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_rows_wider_than_one_tile(granularity):
     """max_block_k 32: 100 columns are 4 tiles (the last partial), amax and cast in two sweeps."""
-    assert tiles(100, 32)[1:] == (32, 4)
+    assert tiles(100, 32)[1:] == (32, 4) and tiles(2050) == (2, 4096, 1)
     for dtype in DTYPES:
         assert_bitwise(awkward(37, 100, dtype, seed=3), granularity, max_block_k=32)
 
