@@ -12,7 +12,8 @@ the Triton kernel, keys that already carry the height/width part of their rotati
 depends only on a token's place inside its frame, so it is the same wherever the frame later sits in
 time; only the frame part moves when positions shift (the sink frames' shift), and it is applied
 here, at read time. A position shift is therefore a change of `slot_pos`, never a rewrite of the
-cache, and the kernel's inner loop over keys does no rotation at all (see the kernel's comment).
+cache, and the kernel does no rotation per key (it turns the query tile, once per slot; see the
+kernel's comment).
 """
 from __future__ import annotations
 
@@ -96,15 +97,15 @@ def window_attention_reference(q: torch.Tensor, k_ring: torch.Tensor, v_ring: to
 # positions). The two halves are joined into one natural-layout q tile: QK^T is one MMA, K = head_dim.
 #
 # One loop over every key tile of every valid slot. `_slot_table_kernel` lists the valid slots
-# first (`order`, `count`), so iteration `it` is tile it % TILES of slot order[it // TILES], empty
+# first (`order`, `count`), so iteration `it` is tile it % tiles of slot order[it // tiles], empty
 # slots cost nothing and are never read, and Triton's software pipeline (num_stages) runs across slot
-# boundaries instead of restarting cold per slot. The query re-rotation is a branch taken on the
-# first tile of each slot. The partial last tile of a frame (T = 1560 at 480x832) is masked to -inf in
+# boundaries instead of restarting cold per slot. The query re-rotation for the next slot is a branch
+# taken on the last tile of each slot, placed between the two MMAs (see the loop). The partial last tile of a frame (T = 1560 at 480x832) is masked to -inf in
 # a branch taken only on that tile; its K/V rows past the frame are zero-filled by TMA (the descriptor
 # is [B, S, T, H, D], so they are out of bounds) or masked off in the pointer path.
 #
 # Split over keys (flash-decoding): grid axis 2 cuts the flattened iteration range into SPLIT equal
-# shares so that the grid fills the GPU (see `_splits_for`); each share writes its unnormalised
+# shares so that the grid fills the GPU (see `plan_splits`); each share writes its unnormalised
 # (acc, m, l) and `_merge_splits_kernel` combines them. With SPLIT == 1 the kernel writes the output.
 #
 # Softmax: FlashAttention-2 online form in base 2 with fp32 statistics and accumulator; the scale
@@ -125,7 +126,8 @@ def _slot_table_kernel(slot_pos_ptr, q_pos_ptr, inv_freq_ptr, order_ptr, count_p
     valid = pos != INVALID
     count = tl.sum(valid.to(tl.int32), 0)
     # valid slots to ranks 0 .. count-1 in slot order, the others after them
-    rank = tl.where(valid, tl.cumsum(valid.to(tl.int32), 0) - 1, count + tl.cumsum((~valid).to(tl.int32), 0) - 1)
+    rank = tl.where(valid, tl.cumsum(valid.to(tl.int32), 0) - 1,
+                    count + tl.cumsum((~valid).to(tl.int32), 0) - 1)
     in_ring = s < S
     tl.store(order_ptr + b * S + rank, tl.where(valid, s, S), mask=in_ring)
     tl.store(count_ptr + b, count)
@@ -255,7 +257,8 @@ def _window_attention_kernel(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     q = _query_for_slot(q_base, row_ok, q_frame, q_tok, q_hi, scos_ptr, ssin_ptr, fcos_ptr, fsin_ptr,
-                        b, tl.minimum(it_start // tiles, S - 1), S, Fq, qk_scale, D, N_FRAME, BLOCK_M, BLOCK_D, MMA_DTYPE)
+                        b, tl.minimum(it_start // tiles, S - 1), S, Fq, qk_scale,
+                        D, N_FRAME, BLOCK_M, BLOCK_D, MMA_DTYPE)
     j = tl.arange(0, BLOCK_N)
     for it in range(it_start, it_end):
         c = tl.minimum(it // tiles, S - 1)   # clamped: only a no-work share goes past the last slot
@@ -280,7 +283,8 @@ def _window_attention_kernel(
         # serialise every wgmma of the loop)
         if (t0 + BLOCK_N >= T) & (it + 1 < it_end):
             q = _query_for_slot(q_base, row_ok, q_frame, q_tok, q_hi, scos_ptr, ssin_ptr, fcos_ptr,
-                                fsin_ptr, b, tl.minimum(c + 1, S - 1), S, Fq, qk_scale, D, N_FRAME, BLOCK_M, BLOCK_D, MMA_DTYPE)
+                                fsin_ptr, b, tl.minimum(c + 1, S - 1), S, Fq, qk_scale,
+                                D, N_FRAME, BLOCK_M, BLOCK_D, MMA_DTYPE)
         acc = tl.dot(p_mma, v.to(MMA_DTYPE), acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     m_i = tl.where(has_work, m_i, float("-inf"))
