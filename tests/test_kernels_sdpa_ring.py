@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,6 +120,36 @@ def test_rerotate_from_a_source_matches_reference_and_full_rope(dtype):
     for b, s, _ in written:
         untouched[b, s] = False
     assert bool(got.view(B, S, T, H, D)[untouched].isnan().all())
+
+
+_AOT = """
+from benchmarks import sass_report as sr
+from avatar_kernels import kv_write, rerotate
+ptrs = {"dst_ptr": "*bf16", "src_ptr": "*bf16", "dst_slots_ptr": "*i32", "src_slots_ptr": "*i32",
+        "old_ptr": "*i32", "new_ptr": "*i32", "inv_freq_ptr": "*fp32"}
+for in_place in (True, False):
+    k = sr.compile_for(rerotate._kernel, sr.HOPPER, ptrs, {"H": 12, "D": 128, "N_FRAME": 22,
+                       "IN_PLACE": in_place, "BLOCK_R": 32, "BLOCK_D": 128}, num_warps=4)
+    r = sr.report("rerotate", k)
+    assert r.stack_bytes == 0, r
+ptrs = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "q_out_ptr", "k_ring_ptr", "v_ring_ptr")}
+ptrs.update(q_weight_ptr="*fp32", k_weight_ptr="*fp32", slots_ptr="*i32", cos_ptr="*fp32", sin_ptr="*fp32",
+            fcos_ptr="*fp32", fsin_ptr="*fp32")
+k = sr.compile_for(kv_write._qk_norm_kv_write_kernel, sr.HOPPER, ptrs, {"DIM": 1536, "HEAD_DIM": 128,
+                   "BLOCK": 2048, "ROPE": True, "FRAME": True, "N_FRAME": 22}, num_warps=4)
+assert sr.report("kv_write", k).stack_bytes == 0
+"""
+
+
+def test_rerotate_and_fully_roped_kv_write_compile_for_hopper():
+    """sm_90 ahead of time with Triton's bundled ptxas, in a fresh process (Triton cannot compile where
+    its interpreter ran): no stack (local memory) at the real head layout."""
+    pytest.importorskip("triton.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", _AOT], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
 
 
 def test_rerotate_rejects_bad_inputs():
