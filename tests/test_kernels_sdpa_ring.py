@@ -297,6 +297,29 @@ def test_engine_with_sdpa_ring_equals_reference_engine(mode):
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
 
 
+def test_sampler_over_the_roped_ring_equals_the_reference_ring():
+    """benchmarks.harness.RingRunner (the sampler over a session ring, planned as the engine plans it,
+    following positions each block) with sdpa_ring against the same with the reference ops. The sink is
+    not block-aligned (its frame 2 is written in block 1 with rolling frame 3), rolling RoPE, evicts
+    from block 3. (Absolute mode: the engine test above.)"""
+    cache, blocks = CacheConfig(block_frames=2, sink_frames=3, window_frames=7, rope_mode="rolling"), 5
+    from benchmarks.harness import DitSetup, RingRunner, block_inputs
+    from runtime.models.dit import build_dit
+    from runtime.models.ops import ops_for
+
+    cfg = EngineConfig.from_preset("micro").replace(cache=cache)
+    torch.manual_seed(0)
+    dit = build_dit(cfg)
+    runners = {}
+    for name in ("reference", "sdpa_ring"):
+        setup = DitSetup.build(cfg, dit, ops_for(name), torch.device("cpu"), torch.float32, 0)
+        runners[name] = (setup, RingRunner(setup))
+    assert runners["sdpa_ring"][1].ring.roped is not None
+    for b in range(blocks):
+        xs = [runner.run_block(b, block_inputs(setup, b, seed=1)) for setup, runner in runners.values()]
+        torch.testing.assert_close(xs[1], xs[0], atol=1e-4, rtol=1e-4, msg=lambda m, b=b: f"block {b}: {m}")
+
+
 # --------------------------------------------------------------------------------------------------
 # timed selection (an injected timer: nothing is timed on the CPU)
 # --------------------------------------------------------------------------------------------------
