@@ -81,14 +81,15 @@ def export_artifacts(source: str, directory: str | Path, *, onnx: bool = True, t
                         dtype=str(torch_dtype).removeprefix("torch."), device=str(torch.device(device)),
                         ring_io=ring_io, weights_sha256=state_sha256(dit, vae))
     result = ExportResult(manifest, directory)
+    loaded: dict[tuple[str, str], object] = {}  # (backend, stage) -> the program read back from its file
     for name, stage in stages.items():
         progress(f"exporting {name}")
-        manifest.stages[name] = _export_stage(stage, directory, onnx, verify, result.checks)
+        manifest.stages[name] = _export_stage(stage, directory, onnx, verify, result.checks, loaded)
     _save_time_mods(dit, cfg, directory / manifest.time_mods)
     manifest.save(directory)
     if verify:
         progress("checking the streaming decode over several blocks")
-        result.checks += _check_stream(vae, cfg, directory, manifest, torch_dtype, device, onnx)
+        result.checks += _check_stream(vae, cfg, loaded, torch_dtype, device)
     if tensorrt or tensorrt_dit:
         wanted = VAE_STAGES + (DIT_STAGES if tensorrt_dit else ())
         result.checks += _build_tensorrt(stages, directory, manifest, wanted, precision, trt_cache_dir, progress)
@@ -102,7 +103,9 @@ def _on_device(make, device: str):
     return lambda g: tuple(t.to(device) for t in make(g))
 
 
-def _export_stage(stage, directory: Path, onnx: bool, verify: bool, checks: list[Check]) -> StageEntry:
+def _export_stage(stage, directory: Path, onnx: bool, verify: bool, checks: list[Check],
+                  loaded: dict[tuple[str, str], object]) -> StageEntry:
+    """Export one stage; with `verify`, read each file back, check it and keep it in `loaded`."""
     from .onnx_export import OrtProgram, export_onnx
     from .torch_export import TorchProgram, export_program, save_program
 
@@ -110,14 +113,16 @@ def _export_stage(stage, directory: Path, onnx: bool, verify: bool, checks: list
     pt2 = save_program(program, directory / f"{stage.name}.pt2")
     entry = StageEntry(inputs=list(stage.input_names), outputs=list(stage.output_names), pt2=pt2.name)
     if verify:  # the file on disk, not the in-memory program: the save/load round trip is part of it
-        loaded = TorchProgram.load(pt2, stage.name, stage.input_names, stage.output_names)
-        checks += check_program(stage, loaded, "torch.export")
+        program_read = loaded["torch", stage.name] = TorchProgram.load(pt2, stage.name, stage.input_names,
+                                                                        stage.output_names)
+        checks += check_program(stage, program_read, "torch.export")
     if onnx:
         path = export_onnx(stage, directory / f"{stage.name}.onnx", program=program)
         entry.onnx = path.name
         dtype = stage.example_inputs(0)[0].dtype
         if verify and dtype != torch.bfloat16:  # numpy (hence onnxruntime's Python API) has no bf16
-            checks += check_program(stage, OrtProgram(path, stage.name), "onnxruntime")
+            loaded["onnx", stage.name] = OrtProgram(path, stage.name)
+            checks += check_program(stage, loaded["onnx", stage.name], "onnxruntime")
     return entry
 
 
@@ -127,20 +132,18 @@ def _save_time_mods(dit, cfg, path: Path) -> None:
     save_time_mods(path, timesteps, [dit.time_mod(torch.full((1, frames), float(t))) for t in timesteps])
 
 
-def _check_stream(vae, cfg, directory: Path, manifest: Manifest, dtype, device, onnx: bool) -> list[Check]:
-    from .runner import load_programs
-
+def _check_stream(vae, cfg, loaded: dict[tuple[str, str], object], dtype, device) -> list[Check]:
+    """The decode stages read back from their files (`loaded`), streamed over several blocks."""
     h, w = cfg.latent_hw
     g = torch.Generator().manual_seed(2)
     latents = torch.randn(1, cfg.vae.z_dim, STREAM_BLOCKS * cfg.cache.block_frames, h, w, generator=g)
     latents = latents.to(device=device, dtype=dtype)
-    backends = ["torch"] + (["onnx"] if onnx and dtype != torch.bfloat16 else [])
     checks = []
-    for backend in backends:
-        programs = load_programs(directory, backend, device, manifest)
-        checks += check_streaming_decode(vae, programs["vae_decode_first"], programs["vae_decode_step"], latents,
-                                         "torch.export" if backend == "torch" else "onnxruntime",
-                                         block_frames=cfg.cache.block_frames)
+    for backend, label in (("torch", "torch.export"), ("onnx", "onnxruntime")):
+        if (backend, "vae_decode_first") in loaded:  # onnx: only when exported and checkable (not bf16)
+            checks += check_streaming_decode(vae, loaded[backend, "vae_decode_first"],
+                                             loaded[backend, "vae_decode_step"], latents, label,
+                                             block_frames=cfg.cache.block_frames)
     return checks
 
 
