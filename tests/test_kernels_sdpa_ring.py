@@ -198,8 +198,9 @@ def test_many_shifts_drift_in_place_but_not_from_the_copy():
 # sdpa_ring over a simulated stream
 # --------------------------------------------------------------------------------------------------
 def _stream(mode: str, dtype: torch.dtype, blocks: int, kv_write, seed: int = 0):
-    """Blocks of a session (sink 3, window 9, 3 frames a block; wraps from block 3) with random q/k/v,
-    two writes per block (as the denoising steps); yields (block, sdpa_ring output, reference output)."""
+    """Blocks of two sessions (sink 3, window 9, 3 frames a block; wraps from block 3; row 1 a block
+    ahead of row 0) with random q/k/v, two writes per block (as the denoising steps); yields (block,
+    sdpa_ring output, reference output, ring state)."""
     cache = CacheConfig(block_frames=3, sink_frames=3, window_frames=9, rope_mode=mode)
     B, grid, H, D = 2, (2, 3), 2, 32
     T = grid[0] * grid[1]
@@ -211,8 +212,10 @@ def _stream(mode: str, dtype: torch.dtype, blocks: int, kv_write, seed: int = 0)
     v_ring = torch.zeros(B, S * T, H, D, dtype=dtype, device=DEVICE)
     state = RopedRingState.allocate(roped, S, cache.sink_frames)
     for b in range(blocks):
-        plan = plan_block(b, cache, B)
-        slot_pos, q_pos, write = (t.to(DEVICE) for t in (plan.slot_pos, plan.q_pos, plan.write_slots))
+        # row r is r blocks ahead: rows of one call sit at different blocks (as rows of a round)
+        plans = [plan_block(b + r, cache, 1) for r in range(B)]
+        slot_pos, q_pos, write = (torch.cat([getattr(p, n) for p in plans]).to(DEVICE)
+                                  for n in ("slot_pos", "q_pos", "write_slots"))
         follow_positions_(roped, state, slot_pos, write, T)
         for _ in range(2):
             q, k, v = (torch.randn(B, F * T, H * D, generator=g).to(dtype).to(DEVICE) for _ in range(3))
@@ -295,6 +298,31 @@ def test_engine_with_sdpa_ring_equals_reference_engine(mode):
     # fp32 everywhere (tests/test_engine_backends.py's bound): summation order and the rotation of keys
     # instead of queries move a few pixels by one grey level
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+
+
+def test_a_padded_row_of_the_roped_ring_keeps_its_session_unchanged():
+    """As tests/test_engine_batching.py: slot 0 waits (blocks in its ring) while slot 1 runs rounds of
+    batch 2 with row 0 padded; slot 0's ring and positions stay as they were and it then goes on as
+    if alone (padded rows are written and restored, never followed)."""
+    cfg = EngineConfig.from_preset("micro").replace(
+        cache=CacheConfig(block_frames=1, sink_frames=1, window_frames=3, rope_mode="rolling"))
+    eng = Engine.random(cfg, device="cpu", backend="sdpa_ring", max_sessions=2, mode="eager")
+    image = np.full((32, 32, 3), 60, np.uint8)
+    audio = (np.random.default_rng(1).standard_normal(26000) * 0.2).clip(-1, 1).astype(np.float32)
+    with eng.open(image, seed=0) as s:
+        want = np.concatenate([b.frames for b in s.step(audio) + s.flush()])
+    waiting = eng.open(image, seed=0)
+    got = waiting.step(audio[:17000])
+    assert len(got) == 4                                     # the ring has wrapped (evicts at block 3)
+    ring = waiting.state.ring
+    before = (ring.k.clone(), ring.roped.key_pos.clone(), ring.roped.anchors.clone())
+    with eng.open(np.full((32, 32, 3), 150, np.uint8), seed=1) as other:
+        assert len(other.step(audio[:9000])) >= 2            # rounds of batch 2, row 0 padded
+    assert torch.equal(ring.k, before[0]) and torch.equal(ring.roped.key_pos, before[1])
+    assert torch.equal(ring.roped.anchors, before[2])
+    got += waiting.step(audio[17000:]) + waiting.flush()
+    waiting.close()
+    np.testing.assert_array_equal(np.concatenate([b.frames for b in got]), want)
 
 
 def test_sampler_over_the_roped_ring_equals_the_reference_ring():
