@@ -278,7 +278,8 @@ def _rerotate(device: torch.device):
 
 
 def follow_positions_(k_ring: torch.Tensor, state: RopedRingState, slot_pos: torch.Tensor,
-                      write_slots: torch.Tensor, tokens_per_frame: int, theta: float = 10000.0) -> None:
+                      write_slots: torch.Tensor, tokens_per_frame: int, theta: float = 10000.0, *,
+                      moved: bool = True) -> None:
     """Turn the keys of k_ring [L, B, S*T, H, D] from the positions they carry (`state.key_pos`) to
     `slot_pos` [B, S], before a block that will write `write_slots` [B, Fq] (those slots are left
     alone: the block's writes store them at their new positions). All on the device, no host sync.
@@ -291,7 +292,9 @@ def follow_positions_(k_ring: torch.Tensor, state: RopedRingState, slot_pos: tor
     - Other slots are turned in place by the delta: they live `window` frames at most, so a key is
       turned a bounded number of times (window / block frames).
     Then `state.key_pos` = `slot_pos` wherever a slot is visible. Call it once per block, before the
-    block's first forward (the writes of its later forwards land at the same positions).
+    block's first forward (the writes of its later forwards land at the same positions). `moved=False`
+    (the caller knows no stored key moves, e.g. a stream's first block) launches nothing and only
+    records the positions.
     """
     L, B = k_ring.shape[:2]
     S = slot_pos.shape[1]
@@ -308,7 +311,7 @@ def follow_positions_(k_ring: torch.Tensor, state: RopedRingState, slot_pos: tor
     rebuild = has & anchor & (slot_pos != state.key_pos)
     turn = has & ~anchor
     rerotate = _rerotate(dev)
-    for layer in range(L):
+    for layer in range(L if moved else 0):
         ring, copy = k_ring[layer], state.anchors[layer]
         a_slots = s_idx[:, :A]
         rerotate(copy, torch.where(take, a_slots, none[:, :A]), state.key_pos[:, :A], zero[:, :A], T, theta,

@@ -474,7 +474,7 @@ class RingRunner:
     def run_block(self, block_index: int, inputs: BlockInputs) -> torch.Tensor:
         s = self.setup
         plan = self.plan.update(plan_block(block_index, self.cfg.cache, 1))
-        self.ring.follow(plan, self.cfg.tokens_per_frame, self.cfg.dit.rope_theta)  # sdpa_ring: timed too
+        self.ring.follow(plan, self.cfg.tokens_per_frame, self.cfg.dit.rope_theta, block_index)  # timed too
         return sample_block(s.dit, s.ops, inputs, s.mods, self.cfg.sampler.sigmas, s.text_kv,
                             self.ring.k, self.ring.v, plan)
 

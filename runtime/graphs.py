@@ -224,7 +224,7 @@ class StageGraphs:
         """Per-block inputs in: the ring plan (after the previous refresh), the noise, the audio condition."""
         w.plan = s.plan.update(w.host_plan)
         cfg = self.engine.config
-        s.ring.follow(w.plan, cfg.tokens_per_frame, cfg.dit.rope_theta)   # fully roped rings only
+        s.ring.follow(w.plan, cfg.tokens_per_frame, cfg.dit.rope_theta, w.index)   # fully roped rings only
         self.buffers.noise.copy_(w.noise)
         self.buffers.audio.copy_(w.inputs.audio)
 

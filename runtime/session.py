@@ -100,12 +100,14 @@ class KVRing:
         if self.roped is not None:
             self.roped.reset()
 
-    def follow(self, plan: BlockPlan, tokens_per_frame: int, theta: float) -> None:
-        """Before a block's first forward: keys stored fully roped turn to the block's positions
+    def follow(self, plan: BlockPlan, tokens_per_frame: int, theta: float, block_index: int) -> None:
+        """Before every block's first forward: keys stored fully roped turn to the block's positions
         (`avatar_kernels.backends.follow_positions_`; the plan rebases positions every block, so every
-        visible frame moves). A no-op for rings of un-roped keys. `plan` is on the ring's device."""
+        visible frame moves, except in block 0, where nothing is stored yet and no kernel is launched:
+        only the positions are recorded). A no-op for rings of un-roped keys. `plan` on the ring's device."""
         if self.roped is not None:
-            follow_positions_(self.k, self.roped, plan.slot_pos, plan.write_slots, tokens_per_frame, theta)
+            follow_positions_(self.k, self.roped, plan.slot_pos, plan.write_slots, tokens_per_frame, theta,
+                              moved=block_index > 0)
 
     @property
     def nbytes(self) -> int:

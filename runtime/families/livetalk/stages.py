@@ -161,7 +161,7 @@ class LiveTalkStages(Family):
         if step == 0:
             # The static plan changes only here, after the previous block's refresh has used it.
             w.plan = s.plan.update(w.host_plan)
-            s.ring.follow(w.plan, self.config.tokens_per_frame, self.config.dit.rope_theta)
+            s.ring.follow(w.plan, self.config.tokens_per_frame, self.config.dit.rope_theta, w.index)
             w.x = w.inputs.noise[0]
         w.x = denoise_step(self.dit, self.ops, w.inputs, w.x, step, self.mods_for(1)[step],
                            self.config.sampler.sigmas, s.text_kv, s.ring.k, s.ring.v, w.plan)
@@ -271,7 +271,7 @@ class _Round:
         for row in self.rows:
             j = row.slot
             plan = BlockPlan(*(getattr(self.plan, n)[j:j + 1] for n in ("write_slots", "slot_pos", "q_pos")))
-            ring.rows(j, j + 1).follow(plan, cfg.tokens_per_frame, cfg.dit.rope_theta)
+            ring.rows(j, j + 1).follow(plan, cfg.tokens_per_frame, cfg.dit.rope_theta, row.work.index)
 
     def _padding_span(self) -> slice:
         """Ring tokens of block 0's write slots (0..F-1): what a padded row's forward writes."""
