@@ -194,6 +194,33 @@ def test_many_shifts_drift_in_place_but_not_from_the_copy():
     assert drift > 3 * rebuilt, (drift, rebuilt)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fully_roped_kv_write_matches_reference(dtype):
+    """qk_norm_kv_write(..., rope_grid=, frame_pos=): Triton against the reference (positions past 1e5,
+    a 3x5 grid, slots out of order); unwritten slots (NaN) stay bit for bit; v exact."""
+    g = torch.Generator().manual_seed(8)
+    B, Fq, grid, H, D, S = 2, 2, (3, 5), 3, 40, 4
+    T, dim = grid[0] * grid[1], H * D
+    q, k, v = (torch.randn(B, Fq * T, dim, generator=g).to(dtype).to(DEVICE) for _ in range(3))
+    q_w, k_w = ((1 + 0.5 * torch.randn(dim, generator=g)).to(DEVICE) for _ in range(2))
+    slots = torch.tensor([[3, 0], [1, 2]], dtype=torch.int32, device=DEVICE)
+    pos = torch.tensor([[123457, -9], [0, 250001]], dtype=torch.int32, device=DEVICE)
+    rings = [torch.full((B, S * T, H, D), float("nan"), dtype=dtype, device=DEVICE) for _ in range(4)]
+    want = qk_norm_kv_write_reference(q, k, v, q_w, k_w, 1e-6, rings[0], rings[1], slots, rope_grid=grid,
+                                      frame_pos=pos)
+    got = qk_norm_kv_write_triton(q, k, v, q_w, k_w, 1e-6, rings[2], rings[3], slots, rope_grid=grid,
+                                  frame_pos=pos)
+    assert_pairs_close(got, want, dtype)
+    written = torch.zeros(B, S, dtype=torch.bool)
+    written[0, 3] = written[0, 0] = written[1, 1] = written[1, 2] = True
+    kr, kw = (r.view(B, S, T, H, D) for r in (rings[0], rings[2]))
+    assert_pairs_close(kw[written], kr[written], dtype)
+    assert bool(kw[~written].isnan().all())
+    assert torch.equal(rings[3].view(B, S, T, H, D)[written], rings[1].view(B, S, T, H, D)[written])
+    with pytest.raises(ValueError, match="needs rope_grid"):
+        qk_norm_kv_write_triton(q, k, v, q_w, k_w, 1e-6, rings[2], rings[3], slots, frame_pos=pos)
+
+
 # --------------------------------------------------------------------------------------------------
 # sdpa_ring over a simulated stream
 # --------------------------------------------------------------------------------------------------
