@@ -122,7 +122,7 @@ def _sdpa_runner(q_rot, k_rot, v, backend):
 def measure_attention(grid: tuple[int, int] = GRID) -> dict:
     from torch.nn.attention import SDPBackend
 
-    from avatar_kernels.backends import _flash_attn_module, window_attention_sdpa
+    from avatar_kernels.backends import _flash_attn_module, window_attention_sdpa, window_attention_sdpa_ring
     from avatar_kernels.window_attention import window_attention_triton
     q, k, v, slot_pos, q_pos, q_rot, k_rot = attention_inputs(grid)
     out = window_attention_triton(q, k, v, slot_pos, q_pos, *grid)
@@ -135,7 +135,14 @@ def measure_attention(grid: tuple[int, int] = GRID) -> dict:
                          "dtype": "bf16"},
                "triton_vs_sdpa_max_abs_err": max_err, **_device_info()}
     runners = {"triton": lambda: window_attention_triton(q, k, v, slot_pos, q_pos, *grid, out=out),
-               "sdpa_backend_with_rope": lambda: window_attention_sdpa(q, k, v, slot_pos, q_pos, *grid)}
+               "sdpa_backend_with_rope": lambda: window_attention_sdpa(q, k, v, slot_pos, q_pos, *grid),
+               # the sdpa_ring backend reads the fully roped ring (k_rot) itself: masked as the engine runs
+               # it, and without the mask (a full ring: torch may take its flash kernel)
+               "sdpa_ring": lambda: window_attention_sdpa_ring(q, k_rot, v, slot_pos, q_pos, *grid),
+               "sdpa_ring_all_valid": lambda: window_attention_sdpa_ring(q, k_rot, v, slot_pos, q_pos, *grid,
+                                                                         all_valid=True)}
+    ring_out = window_attention_sdpa_ring(q, k_rot, v, slot_pos, q_pos, *grid)
+    torch.testing.assert_close(ring_out.float(), reference.float(), atol=4e-2, rtol=4e-2)
     for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION),
                           ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
         runner = _sdpa_runner(q_rot, k_rot, v, backend)
