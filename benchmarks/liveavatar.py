@@ -254,7 +254,7 @@ class ForwardBench:
                             device=self.device)
         x = torch.randn(self.stream.latent_shape, generator=g, device=self.device).to(self.model.dtype)
         for k in range(self.full_at):  # claim every slot, then random K/V in all of them
-            self.ring.begin_block(k, k * cfg.block_frames, cfg.block_frames, origin=k * cfg.block_frames)
+            self.ring.begin_block(k, k * cfg.block_frames, cfg.block_frames)
         self.ring.k.normal_(generator=g)
         self.ring.v.normal_(generator=g)
         return x, self.model.encode_audio(feats.to(self.model.dtype))
@@ -262,9 +262,9 @@ class ForwardBench:
     @torch.no_grad()
     def _forward(self, k: int, x, audio) -> torch.Tensor:
         s, F = self.stream, self.cfg.block_frames
-        read = self.ring.begin_block(k, k * F, F, origin=k * F)
+        read = self.ring.begin_block(k, k * F, F)
         return self.model.forward_block(x, s.mods[0], audio, s.text_kv, s.cond, first_frame=k * F,
-                                        ref_frame=s.ref_frame(k, 0), history=read, origin=k * F)
+                                        ref_frame=s.ref_frame(k, 0), history=read)
 
     def warmup(self) -> None:
         pass  # the warm-up forwards run in run_round, after the ring is filled

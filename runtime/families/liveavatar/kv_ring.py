@@ -1,4 +1,4 @@
-"""One denoising step's KV cache: a fixed ring of latent frames holding un-roped keys and values.
+"""One denoising step's KV cache: a fixed ring of latent frames holding roped keys and values.
 
 Live Avatar keeps one cache per denoising step, written by that step's forward on the still-noisy
 latents (no clean re-run). Each is a ring of `ring_frames` = 12 latent frames: the current block and
@@ -10,10 +10,13 @@ frames to slots (k * F) mod slots .. + F - 1: the oldest block is overwritten in
 slot arithmetic and nothing moves. `slot_frame` (host) is the absolute frame index each slot holds,
 -1 while empty; empty slots stay in the attention with a False key mask, so shapes never change.
 
-Keys are stored un-roped and roped when read, at index slot_frame - origin (origin = the reading
-block's first frame). RoPE scores depend only on index differences, so this equals upstream's keys
-roped at absolute indices when written, while no angle grows with the stream and moving positions
-rewrite nothing. Positions and the mask are planned on the host once per block (no device sync).
+Keys are stored roped, at their absolute frame index, as upstream writes them: the model ropes a
+block's keys for its own queries anyway (`forward_block`) and hands them to the ring, so a read
+ropes nothing (the ring is 4x a block: roping it per layer and forward was most of the attention's
+elementwise traffic, and its cos/sin tables a per-forward host upload). A frame's index never moves
+(only the reference's does, the rolling sink, and the condition keys are roped per forward), so
+nothing is ever rewritten. Angles are computed in float64 from the integer indices (rope.py), so
+large indices lose nothing. The mask is planned on the host once per block (no device sync).
 """
 from __future__ import annotations
 
@@ -23,7 +26,6 @@ import numpy as np
 import torch
 
 from .config import LiveAvatarConfig
-from .rope import Positions, Rope, apply_rope
 
 
 @dataclass
@@ -32,19 +34,17 @@ class RingRead:
 
     ring: KVRing
     first_slot: int
-    rope: Rope             # of all slots * T ring tokens, relative to the block's origin
     key_mask: torch.Tensor  # [slots * T] bool
 
     def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store the block's un-roped k/v [B, F*T, H, D]; return every ring key (roped), value and mask."""
+        """Store the block's roped k and its v [B, F*T, H, D]; return every ring key, value and the mask."""
         ring = self.ring
         B, T = k.shape[0], ring.tokens_per_frame
         nf = k.shape[1] // T
         at = slice(self.first_slot, self.first_slot + nf)
         ring.k[layer, :, at] = k.view(B, nf, T, *k.shape[2:])
         ring.v[layer, :, at] = v.view(B, nf, T, *v.shape[2:])
-        keys = apply_rope(ring.k[layer].flatten(1, 2), self.rope)
-        return keys, ring.v[layer].flatten(1, 2), self.key_mask
+        return ring.k[layer].flatten(1, 2), ring.v[layer].flatten(1, 2), self.key_mask
 
 
 class KVRing:
@@ -70,24 +70,19 @@ class KVRing:
         """Slot of the block's first frame; blocks tile the ring since ring_frames % frames == 0."""
         return (block_counter * frames) % self.slots
 
-    def begin_block(self, block_counter: int, first_frame: int, frames: int, origin: int) -> RingRead:
-        """Plan the block: claim its slots (evicting the oldest block) and rope/mask every slot.
+    def begin_block(self, block_counter: int, first_frame: int, frames: int) -> RingRead:
+        """Plan the block: claim its slots (evicting the oldest block) and mask the empty ones.
 
         block_counter: the block's index counted from the stream's first block (slot arithmetic);
-        first_frame: its absolute first latent frame; origin: the index subtracted before roping.
+        first_frame: its absolute first latent frame (the index its keys are roped at).
         """
         if frames > self.slots or self.slots % frames:
             raise ValueError(f"a block of {frames} frames does not tile a ring of {self.slots}")
         first = self.first_slot(block_counter, frames)
         self.slot_frame[first:first + frames] = first_frame + np.arange(frames)
-        valid = self.slot_frame >= 0
-        rel = np.where(valid, self.slot_frame - origin, 0)
-        H, W = self.token_hw
-        rope = Rope.of(Positions.grid(rel, np.arange(H), np.arange(W)), self.cfg.rope_split, self.cfg.rope_theta,
-                       self.k.device)
-        mask = torch.from_numpy(np.repeat(valid, self.tokens_per_frame))
+        mask = torch.from_numpy(np.repeat(self.slot_frame >= 0, self.tokens_per_frame))
         self.key_mask.copy_(mask)  # in place: a captured graph would keep this address
-        return RingRead(self, first, rope, self.key_mask)
+        return RingRead(self, first, self.key_mask)
 
     @property
     def nbytes(self) -> int:

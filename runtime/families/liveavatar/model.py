@@ -110,9 +110,9 @@ class Condition:
 class History(Protocol):
     """One denoising step's KV ring as `forward_block` sees it (runtime/families/liveavatar/kv_ring.py).
 
-    Called once per layer with the block's un-roped keys/values [B, L, H, D]: stores them, and returns
-    every key (roped, relative to the call's origin) and value the block's queries attend to besides
-    the condition (its own included), with a [Lk] bool mask of the valid ones.
+    Called once per layer with the block's keys (roped at their absolute frame indices) and values
+    [B, L, H, D]: stores them, and returns every key (roped alike) and value the block's queries attend
+    to besides the condition (its own included), with a [Lk] bool mask of the valid ones.
     """
 
     def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor
@@ -129,7 +129,6 @@ class RowInputs:
     first_frame: int = 0
     ref_frame: int | None = None
     history: History | None = None
-    origin: int = 0
 
     @property
     def rows(self) -> int:
@@ -246,17 +245,17 @@ class LiveAvatarDiT(nn.Module):
                       text_kv: list[tuple[torch.Tensor, torch.Tensor]], cond: Condition,
                       first_frame: int = 0, ref_frame: int | None = None,
                       pose_latents: torch.Tensor | None = None,
-                      history: History | None = None, origin: int = 0) -> torch.Tensor:
+                      history: History | None = None) -> torch.Tensor:
         """x [B, C, F, h, w] noisy latents -> velocity [B, C, F, h, w] (model dtype).
 
         first_frame: temporal RoPE index of the block's first frame (its place in the stream).
         ref_frame: temporal RoPE index the reference tokens are read at (default ref_rope_frame).
         pose_latents: [B, C, F, h, w] or None (no pose video: cond_encoder of zeros = its bias).
         history: the KV ring of this denoising step (see `History`), or None for a block with no past.
-        origin: subtracted from every temporal index before roping. RoPE scores depend only on index
-        differences, so a stream passes origin = first_frame and its angles stay small forever.
+        Temporal indices are absolute (angles in float64 from the integers: no precision lost far
+        into a stream), as upstream ropes them.
         """
-        row = RowInputs(text_kv, cond, first_frame, ref_frame, history, origin)
+        row = RowInputs(text_kv, cond, first_frame, ref_frame, history)
         return self.forward_rows(x, mod, audio, [row], pose_latents)
 
     @torch.no_grad()
@@ -285,12 +284,11 @@ class LiveAvatarDiT(nn.Module):
 
     def _row_ropes(self, row: RowInputs, nf: int, token_hw: tuple[int, int], device) -> tuple[Rope, Rope]:
         """A session's RoPE in a block: of its noisy tokens, and of its condition tokens (the
-        reference at ref_frame: the rolling sink), every index relative to its origin."""
+        reference at ref_frame: the rolling sink)."""
         split, theta = self.cfg.rope_split, self.cfg.rope_theta
-        rope = Rope.of(noisy_positions(row.first_frame - row.origin, nf, token_hw), split, theta, device)
+        rope = Rope.of(noisy_positions(row.first_frame, nf, token_hw), split, theta, device)
         ref_frame = self.cfg.ref_rope_frame if row.ref_frame is None else row.ref_frame
         cond_pos = row.cond.positions.shift_frames(row.cond.is_reference, ref_frame - self.cfg.ref_rope_frame)
-        cond_pos = cond_pos.shift_frames(np.ones(len(cond_pos), dtype=bool), -row.origin)
         return rope, Rope.of(cond_pos, split, theta, device)
 
     @torch.no_grad()
@@ -336,7 +334,7 @@ class LiveAvatarDiT(nn.Module):
 
         groups: the sessions in the batch (`_LayerGroup`): each one's rows attend to its own prompt,
         its condition keys (`context`, or none) and its ring (`history`: a callable (k, v) ->
-        (keys, values, key_mask) that stores this layer's un-roped k/v and returns what the rows see
+        (keys, values, key_mask) that stores this layer's roped k and v and returns what the rows see
         instead of their own keys; None: they see their own keys).
         Returns (h, the sequence's un-roped keys, values). Residual in fp32 inside, model dtype out.
         """
@@ -356,11 +354,8 @@ class LiveAvatarDiT(nn.Module):
         q_all, k_all, v_all = attn.query_key_value(x)
         out = []
         for g in groups:
-            q, k, v = apply_rope(q_all[g.rows], g.rope), k_all[g.rows], v_all[g.rows]
-            if g.history is None:
-                keys, values, mask = apply_rope(k, g.rope), v, None
-            else:
-                keys, values, mask = g.history(k, v)
+            q, k, v = apply_rope(q_all[g.rows], g.rope), apply_rope(k_all[g.rows], g.rope), v_all[g.rows]
+            keys, values, mask = (k, v, None) if g.history is None else g.history(k, v)
             if g.context is not None:
                 keys, values = torch.cat([keys, g.context[0]], dim=1), torch.cat([values, g.context[1]], dim=1)
                 if mask is not None:  # the condition keys are always visible

@@ -4,7 +4,7 @@ Per block b (F = block_frames latent frames at absolute frames f0 = b * F ..):
 - noise from the session's seeded generator;
 - step i = 0..num_steps-1: velocity v = forward_block(x, t_i, ring i, condition), written into ring i
   on the still-noisy x (no clean re-run), then x += (sigma_{i+1} - sigma_i) * v;
-- every temporal RoPE index is read relative to f0 (`origin`), so no angle grows with the stream.
+- temporal RoPE indices are absolute (float64 angles from the integers), keys roped once when written.
 Rolling sink: the reference frame is read at max(ref_rope_frame, f0 + rd) for each (block, step)
 forward. rd is a setting: fixed, or drawn from a counter-based hash of (seed, block, step) in
 `cfg.sink_offset_range` (upstream: Python's global random per forward, unreproducible).
@@ -118,9 +118,8 @@ class LiveAvatarStream:
         """Plan denoising step `step` of the next block: claim its ring slots, place the sink."""
         F, b, k = self.cfg.block_frames, self.block_index, self.blocks_done
         f0 = b * F
-        read = self.rings[step].begin_block(k, f0, F, origin=f0)
-        return RowInputs(self.text_kv, self.cond, first_frame=f0, ref_frame=self.ref_frame(b, step), history=read,
-                         origin=f0)
+        read = self.rings[step].begin_block(k, f0, F)
+        return RowInputs(self.text_kv, self.cond, first_frame=f0, ref_frame=self.ref_frame(b, step), history=read)
 
     def end_block(self, x: torch.Tensor) -> None:
         """The block's denoised latents are x: the adaptive sink takes its frame, the stream moves on."""

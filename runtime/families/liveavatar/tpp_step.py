@@ -47,9 +47,9 @@ class StepState:
         F = self.cfg.block_frames
         block = self.settings.start_block + counter
         f0 = block * F
-        read = self.ring.begin_block(counter, f0, F, origin=f0)
+        read = self.ring.begin_block(counter, f0, F)
         v = self.model.forward_block(x, self.mod, audio, self.text_kv, self.cond, first_frame=f0,
-                                     ref_frame=self.ref_frame(block, self.step), history=read, origin=f0)
+                                     ref_frame=self.ref_frame(block, self.step), history=read)
         return (x.float() + self.sigma_delta * v.float()).to(self.model.dtype)  # diffusers' fp32 Euler step
 
 
