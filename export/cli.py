@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 app = typer.Typer(help="Export checkpoints to static graphs (torch.export, ONNX, TensorRT).",
                   no_args_is_help=True)
 
-STREAM_BLOCKS = 4  # latent blocks decoded through the carried cache in the streaming check
+STREAM_BLOCKS = 3  # latent blocks decoded through the carried cache in the streaming check (2 carry it)
 
 
 @dataclass

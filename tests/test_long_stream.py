@@ -36,8 +36,12 @@ def test_stream_of_1100_latent_frames_has_flat_memory(rope_mode):
             rss.append(_rss_bytes())
     assert blocks * cfg.cache.block_frames > 1100
     assert eng._session.ring.k.data_ptr() == ring_ptr          # the ring is never reallocated
-    warm = rss[len(rss) // 5]
-    assert max(rss[len(rss) // 5:]) - warm < 64 * 2 ** 20, (warm, max(rss))
+    # a leak grows block after block; the allocator's arenas swing by tens of MB around a level with
+    # blocks this large, so the medians of the second fifth and the last fifth are compared
+    fifth = len(rss) // 5
+    early, late = np.median(rss[fifth:2 * fifth]), np.median(rss[-fifth:])
+    assert late - early < 32 * 2 ** 20, (early, late)
+    assert max(rss[fifth:]) - early < 192 * 2 ** 20, (early, max(rss))
     last = eng.flush()
     assert all(b.frames.shape[1:] == (32, 32, 3) for b in last)
     torch.testing.assert_close(torch.isfinite(eng._session.ring.k).all(), torch.tensor(True))
