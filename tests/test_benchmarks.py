@@ -198,7 +198,9 @@ def _check_fields(record: dict, where: str) -> None:
 def test_benchmark_suite_json_on_cpu(tmp_path):
     """Run the suite's tiny benchmarks with --benchmark-enable in a subprocess; read its JSON."""
     out = tmp_path / "bench.json"
-    env = {**os.environ, "AVATAR_BENCH_ROUNDS": "1", "AVATAR_BENCH_WARMUP": "1", "AVATAR_BENCH_BLOCKS": "2",
+    # not xdist's worker variables: pytest-benchmark would take the child for a worker and disable itself
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env = {**env, "AVATAR_BENCH_ROUNDS": "1", "AVATAR_BENCH_WARMUP": "1", "AVATAR_BENCH_BLOCKS": "2",
            "AVATAR_BENCH_SECONDS": str(seconds_for_blocks(EngineConfig.from_preset("tiny"), 3))}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "benchmarks/bench_e2e.py",
            "benchmarks/bench_dit.py", "-k", "tiny", "--benchmark-enable", f"--benchmark-json={out}"]

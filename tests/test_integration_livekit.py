@@ -18,6 +18,8 @@ rtc = pytest.importorskip("livekit.rtc", reason="needs livekit-agents: pip insta
 lk_avatar = pytest.importorskip("livekit.agents.voice.avatar")
 from runtime.integrations import livekit as lk
 
+pytestmark = pytest.mark.wallclock  # real-time pacing and LiveKit's own timers (pyproject: markers)
+
 TTS_RATE = 24000       # a common TTS rate: resampled to the engine's 16 kHz
 SR, FPS = 16000, 16
 FRAME = 1 / FPS

@@ -24,6 +24,7 @@ from runtime.server.app import AvatarServer
 from .server_client import running
 
 SR = 16000
+pytestmark = pytest.mark.wallclock  # a real-time call (pyproject: markers)
 
 
 class SpeechTrack(aiortc.MediaStreamTrack):

@@ -1,6 +1,6 @@
 """The fused E4M3 quantiser (avatar_kernels/fp8_quant.py) equals `quantize_e4m3` bit for bit.
 
-CPU runs use Triton's interpreter (TRITON_INTERPRET=1 set here before any kernel is built), where the
+CPU runs use Triton's interpreter (TRITON_INTERPRET=1: tests/triton_kernels.py), where the
 cast is the kernel's bit-level copy of c10's conversion; on a GPU it is the hardware's
 `cvt.rn.satfinite` (the `gpu` test, and the compile test that checks the instructions are there).
 "Equal" is `torch.equal` on the E4M3 bytes and on the fp32 scales, except where the input holds a
@@ -18,17 +18,9 @@ import pytest
 import torch
 from torch import nn
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
-
-from avatar_kernels._triton_util import interpreting
 from avatar_kernels.fp8_quant import E4M3_MAX, quantize_e4m3_triton, tiles
 from runtime.models.fp8 import Fp8Linear, quantize_e4m3
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if DEVICE.type == "cpu" and not interpreting():
-    pytest.skip("no CUDA device and TRITON_INTERPRET is disabled", allow_module_level=True)
+from tests.triton_kernels import DEVICE
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 GRANULARITIES = ["tensor", "row"]

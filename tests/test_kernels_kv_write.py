@@ -1,6 +1,6 @@
 """Triton q/k RMSNorm + KV ring write vs the fp32 reference (avatar_kernels/kv_write.py).
 
-CPU runs use Triton's interpreter (TRITON_INTERPRET=1 set here before any kernel is built).
+CPU runs use Triton's interpreter (TRITON_INTERPRET=1: tests/triton_kernels.py).
 Slots being written are poisoned with NaN first and the q output buffer too, so anything left
 unwritten fails; every other slot of the ring must come back bit for bit. Each case runs with keys
 stored un-roped and with their height/width rotation (`rope_grid`, the layout the Triton attention
@@ -16,21 +16,11 @@ exactly in every dtype.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
-
-from avatar_kernels._triton_util import interpreting
 from avatar_kernels.kv_write import qk_norm_kv_write_reference, qk_norm_kv_write_triton
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if DEVICE.type == "cpu" and not interpreting():
-    pytest.skip("no CUDA device and TRITON_INTERPRET is disabled", allow_module_level=True)
+from tests.triton_kernels import DEVICE
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-5, 2e-3), torch.bfloat16: (1e-5, 2.4e-2)}
 ULP = {torch.float32: 0.0, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}

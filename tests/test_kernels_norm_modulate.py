@@ -1,6 +1,6 @@
 """Triton LayerNorm + modulate and gated residual vs the fp32 references (avatar_kernels/norm_modulate.py).
 
-CPU runs use Triton's interpreter (TRITON_INTERPRET=1 set here before any kernel is built). Output
+CPU runs use Triton's interpreter (TRITON_INTERPRET=1: tests/triton_kernels.py). Output
 buffers are poisoned with NaN first. The modulation is passed as strided views of one
 [B, F, 6, dim] tensor, as the model slices it.
 
@@ -11,26 +11,16 @@ or 1e-3 covers results that cancel to near zero.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
-
-from avatar_kernels._triton_util import interpreting
 from avatar_kernels.norm_modulate import (
     gated_residual_reference,
     gated_residual_triton,
     layernorm_modulate_reference,
     layernorm_modulate_triton,
 )
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if DEVICE.type == "cpu" and not interpreting():
-    pytest.skip("no CUDA device and TRITON_INTERPRET is disabled", allow_module_level=True)
+from tests.triton_kernels import DEVICE
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-3, 1e-2)}
 EPS = 1e-6

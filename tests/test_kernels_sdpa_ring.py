@@ -26,12 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
-
 from avatar_kernels import select
-from avatar_kernels._triton_util import interpreting
 from avatar_kernels.backends import (
     RopedRingState,
     available_backends,
@@ -45,10 +40,7 @@ from avatar_kernels.window_attention import window_attention_reference
 from runtime import Engine
 from runtime.config import CacheConfig, EngineConfig
 from runtime.session import plan_block
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if DEVICE.type == "cpu" and not interpreting():
-    pytest.skip("no CUDA device and TRITON_INTERPRET is disabled", allow_module_level=True)
+from tests.triton_kernels import DEVICE
 
 KEY_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 3.2e-2)}
 ATTN_TOL = {torch.float32: 1e-5, torch.bfloat16: 4e-2}

@@ -1,7 +1,7 @@
 """Triton window attention vs the fp32 reference (avatar_kernels/window_attention.py).
 
-On a machine without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set here
-before any kernel is compiled; Triton reads it when a kernel is first built). Shapes are tiny there.
+On a machine without CUDA the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, see tests/triton_kernels.py;
+Triton reads it when a kernel is first built). Shapes are tiny there.
 The `gpu` tests repeat the comparison at the real shape (Lq 3072, 15 slots x 1024 tokens, 12 x 128).
 
 The kernel reads keys that carry their height/width rotation (the layout the Triton KV write stores,
@@ -17,16 +17,9 @@ Tolerances (max |kernel - reference| <= atol + rtol * |reference|), reference in
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
-
-from avatar_kernels._triton_util import interpreting
 from avatar_kernels.rope import rotate_spatial
 from avatar_kernels.window_attention import (
     INVALID_POS,
@@ -34,10 +27,7 @@ from avatar_kernels.window_attention import (
     window_attention_reference,
     window_attention_triton,
 )
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if DEVICE.type == "cpu" and not interpreting():
-    pytest.skip("no CUDA device and TRITON_INTERPRET is disabled", allow_module_level=True)
+from tests.triton_kernels import DEVICE
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 4e-2}
 X = INVALID_POS

@@ -15,6 +15,7 @@ engine, image = realtime.engine, realtime.image     # the same module-scoped fix
 pcm, run = realtime.pcm, realtime.run
 
 SR, SPF = 16000, 1000
+pytestmark = pytest.mark.wallclock  # real-time pacing (pyproject: markers)
 
 
 def test_a_stalled_segment_gets_idle_frames_equal_to_the_engine(engine, image):

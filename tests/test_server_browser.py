@@ -26,7 +26,8 @@ from runtime.server.app import AvatarServer
 from .server_client import running
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium: apt-get install chromium")
+pytestmark = [pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium: apt-get install chromium"),
+              pytest.mark.wallclock]  # a real-time stream played by a browser (pyproject: markers)
 
 STATS_JS = """(() => {
   const v = document.getElementById("avatar"), s = window.avatarStats;
