@@ -7,11 +7,12 @@ from runtime.config import CacheConfig, EngineConfig
 from runtime.models.ops import ops_for
 
 
-def _frames_and_latents(backend: str, monkeypatch=None):
-    # micro shapes, blocks of one latent frame and a window that evicts from block 3 on (sink 1,
-    # window 3): 5 blocks evict twice. One-frame blocks: the interpreter's time is per query and key
-    # tile, 2.4x less than blocks of 3 in a window of 9
-    cfg = EngineConfig.from_preset("micro").replace(cache=CacheConfig(block_frames=1, sink_frames=1, window_frames=3))
+def engine_frames(backend: str, rope_mode: str = "absolute"):
+    """Frames of 5 blocks of a micro engine on `backend`, and the engine. Blocks of one latent frame
+    and a window that evicts from block 3 on (sink 1, window 3): 5 blocks evict twice. One-frame
+    blocks: the interpreter's time is per query and key tile, 2.4x less than blocks of 3 in a window of 9."""
+    cache = CacheConfig(block_frames=1, sink_frames=1, window_frames=3, rope_mode=rope_mode)
+    cfg = EngineConfig.from_preset("micro").replace(cache=cache)
     eng = Engine.random(cfg, device="cpu", backend=backend)
     eng.reset(np.full((32, 32, 3), 90, np.uint8), seed=5)
     n = eng.family.timeline.samples_to_run(4)
@@ -39,8 +40,8 @@ def test_unknown_or_unavailable_backend_is_a_clear_error(monkeypatch):
 def test_backend_engine_equals_reference_engine(backend, monkeypatch):
     if backend == "triton":
         pytest.importorskip("triton")
-    ref, _ = _frames_and_latents("reference")
-    got, eng = _frames_and_latents(backend)
+    ref, _ = engine_frames("reference")
+    got, eng = engine_frames(backend)
     assert eng.ops.name == backend
     diff = np.abs(ref.astype(int) - got.astype(int))
     # fp32 everywhere: only summation order differs, which moves a few pixels by one grey level

@@ -40,6 +40,7 @@ from avatar_kernels.window_attention import window_attention_reference
 from runtime import Engine
 from runtime.config import CacheConfig, EngineConfig
 from runtime.session import plan_block
+from tests.test_engine_backends import engine_frames
 from tests.triton_kernels import DEVICE
 
 KEY_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 3.2e-2)}
@@ -293,24 +294,10 @@ def test_sdpa_ring_is_available_on_the_cpu():
 # --------------------------------------------------------------------------------------------------
 # the engine
 # --------------------------------------------------------------------------------------------------
-def _engine_frames(backend: str, mode: str):
-    # micro shapes, blocks of one latent frame, sink 1, window 3: evicts from block 3, 5 blocks wrap the
-    # rolling region (small blocks: the interpreter's cost is per token)
-    cfg = EngineConfig.from_preset("micro").replace(
-        cache=CacheConfig(block_frames=1, sink_frames=1, window_frames=3, rope_mode=mode))
-    eng = Engine.random(cfg, device="cpu", backend=backend)
-    eng.reset(np.full((32, 32, 3), 90, np.uint8), seed=5)
-    n = eng.family.timeline.samples_to_run(4)
-    audio = (np.random.default_rng(0).standard_normal(n) * 0.2).clip(-1, 1).astype(np.float32)
-    blocks = eng.step(audio) + eng.drain()
-    assert len(blocks) == 5
-    return np.concatenate([b.frames for b in blocks]), eng
-
-
 @pytest.mark.parametrize("mode", ["absolute", "rolling"])
 def test_engine_with_sdpa_ring_equals_reference_engine(mode):
-    ref, _ = _engine_frames("reference", mode)
-    got, eng = _engine_frames("sdpa_ring", mode)
+    ref, _ = engine_frames("reference", mode)
+    got, eng = engine_frames("sdpa_ring", mode)
     assert eng.ops.name == "sdpa_ring"
     ring = eng.family.rows.ring
     assert ring.roped is not None and bool(ring.roped.anchored[0].all())
