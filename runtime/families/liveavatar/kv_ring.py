@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from runtime.transfer import copy_into
+
 from .config import LiveAvatarConfig
 
 
@@ -81,7 +83,7 @@ class KVRing:
         first = self.first_slot(block_counter, frames)
         self.slot_frame[first:first + frames] = first_frame + np.arange(frames)
         mask = torch.from_numpy(np.repeat(self.slot_frame >= 0, self.tokens_per_frame))
-        self.key_mask.copy_(mask)  # in place: a captured graph would keep this address
+        copy_into(self.key_mask, mask)  # in place (a captured graph keeps the address), pinned: no host wait
         return RingRead(self, first, self.key_mask)
 
     @property

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from runtime.transfer import to_device
+
 
 def sampled_axis(start: int, stop: int, count: int) -> np.ndarray:
     """`count` integer indices from start to stop inclusive, as upstream: linspace then truncate."""
@@ -73,7 +75,9 @@ class Rope:
     @staticmethod
     def of(pos: Positions, split: tuple[int, int, int], theta: float, device) -> Rope:
         angles = rope_angles(pos, split, theta)
-        return Rope(torch.cos(angles).float().to(device), torch.sin(angles).float().to(device))
+        # pinned, non-blocking: a pageable upload would make the host wait for the stream every forward
+        device = torch.device(device)
+        return Rope(to_device(torch.cos(angles).float(), device), to_device(torch.sin(angles).float(), device))
 
 
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
