@@ -210,8 +210,9 @@ class LiveAvatar(Family):
         def run():
             t0 = self.stage_clock()
             fn()
+            took = self.stage_clock() - t0  # once: the benchmark clock synchronises the device
             for row in rows:
-                row.work.timings[key] = row.work.timings.get(key, 0.0) + self.stage_clock() - t0
+                row.work.timings[key] = row.work.timings.get(key, 0.0) + took
         return run
 
     @staticmethod
