@@ -264,6 +264,17 @@ class ExportedVAE:
             raise ValueError(f"encode_image: expected [B, 3, H, W], got {tuple(image.shape)}")
         return self.encode_program(image)[0]
 
+    def init_decode_cache(self, batch: int, h: int, w: int, device=None, dtype=None) -> list[torch.Tensor]:
+        """Zero decode cache in the exported programs' layout: WanVAE's, a function of the config alone
+        (read off a weightless model on the meta device)."""
+        from runtime.models.vae import WanVAE
+
+        with torch.device("meta"):
+            layout = WanVAE(self.config).decode_cache_layout(h, w)
+        device = self.device if device is None else device
+        dtype = self.dtype if dtype is None else dtype
+        return [torch.zeros((batch, *shape), device=device, dtype=dtype) for shape in layout]
+
     def decode_step(self, z: torch.Tensor, cache: list[torch.Tensor] | None, first: bool):
         """As `WanVAE.decode_step`: first=True takes 1 latent frame (-> 1 video frame, cache ignored),
         first=False takes n >= 1 frames (-> temporal_factor * n frames), one program call each."""

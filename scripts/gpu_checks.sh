@@ -46,7 +46,7 @@ if want kernels; then
     check kernels sh -c "python benchmarks/bench_kernels.py > '$out/kernels.json'"
 fi
 if want graphs; then
-    check graphs python -m pytest -q -s tests/test_graphs.py -k pipelined_vs
+    check graphs python -m pytest -q -rs -m gpu tests/test_livetalk_graphs.py tests/test_round_runner_gpu.py
 fi
 if want e2e-512; then
     check e2e-512 python -m benchmarks.cli --preset livetalk-1.3b --device cuda --dtype bfloat16 \

@@ -9,6 +9,7 @@ import pytest
 from runtime import Engine
 from runtime.media import synth_speech_like
 from tests.oracle import assert_frames_close, random_images
+from tests.stage_hooks import wrap_decodes
 
 SR = 16000
 
@@ -69,15 +70,16 @@ def test_sessions_ready_together_share_rounds(engine, images, speech):
     want = [alone(engine, images[i], speech[i], 7 + i) for i in range(3)]
     sessions = [engine.open(images[i], seed=7 + i) for i in range(3)]
     a = sessions[0]
-    decode = a.state.decoder.decode
     started = threading.Event()
 
-    def slow(z):
-        started.set()
-        time.sleep(0.5)
-        return decode(z)
+    def slow(name, body):
+        def run():
+            started.set()
+            time.sleep(0.5)
+            body()
+        return run
 
-    a.state.decoder.decode = slow
+    undo = wrap_decodes(engine, a.slot, slow)
     first = engine.timeline.samples_to_run(0)
     got = [[], [], []]
     t = threading.Thread(target=lambda: got[0].extend(a.step(speech[0][:first])))
@@ -92,7 +94,7 @@ def test_sessions_ready_together_share_rounds(engine, images, speech):
         p.join(60)
     # eager: a's round is counted once it ran; then one round for b and c together
     assert (engine.rounds - rounds, engine.rows_run - rows) == (2, 3)
-    a.state.decoder.decode = decode
+    undo()
     for i, s in enumerate(sessions):
         got[i] += s.step(speech[i][first:]) + s.flush()
         s.close()

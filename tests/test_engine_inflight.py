@@ -7,6 +7,7 @@ import pytest
 
 from runtime import Engine
 from runtime.media import synth_speech_like
+from tests.stage_hooks import wrap_decodes
 
 SR = 16000
 
@@ -65,9 +66,10 @@ def test_step_does_not_wait_and_decode_overlaps_the_next_denoise(engines, image,
         return wrapper
 
     fam.dit.forward_block = timed("forward", forward)
+    undo = lambda: None
     try:
         with sched.open(image, seed=3) as s:
-            s.state.decoder.decode = timed("decode", s.state.decoder.decode, pause=0.4)
+            undo = wrap_decodes(sched, s.slot, lambda name, body: timed("decode", body, pause=0.4))
             per_block = sched.timeline.samples_to_run(1)   # blocks 0 and 1 ready after this push
             got = s.step(speech[:per_block])
             t_return = time.perf_counter()
@@ -76,6 +78,7 @@ def test_step_does_not_wait_and_decode_overlaps_the_next_denoise(engines, image,
             assert [b.index for b in got] == [0, 1]
     finally:
         del fam.dit.forward_block
+        undo()
     decodes = sorted(sp for sp in spans if sp[0] == "decode")
     forwards = [sp for sp in spans if sp[0] == "forward"]
     assert t_return < decodes[-1][2]
@@ -89,13 +92,16 @@ def test_a_failed_stage_on_a_lane_fails_its_session_only(engines, image, speech)
 
     _, sched = engines
     with sched.open(image, seed=1) as a, sched.open(image, seed=2) as b:
-        def broken(z):
+        def broken():
             raise RuntimeError("decoder fault")
 
-        a.state.decoder.decode = broken
+        undo = wrap_decodes(sched, a.slot, lambda name, body: broken)
         first = sched.timeline.samples_to_run(0)
-        a.step(speech[:first])
-        b.step(speech[:first])
-        with pytest.raises(BlockFailedError, match="stage 'decode' of block 0.*decoder fault"):
-            a.drain()
+        try:
+            a.step(speech[:first])
+            b.step(speech[:first])
+            with pytest.raises(BlockFailedError, match="stage 'decode/first' of block 0.*decoder fault"):
+                a.drain()
+        finally:
+            undo()
         assert [blk.index for blk in b.drain()] == [0]

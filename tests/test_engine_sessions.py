@@ -3,13 +3,13 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
 from runtime import Engine
 from runtime.audio import AudioInputError
 from runtime.errors import AtCapacityError, BlockFailedError, SessionBusyError, SessionFailedError
 from runtime.media import synth_speech_like
 from tests.oracle import assert_frames_close, random_images
+from tests.stage_hooks import slot_decoder, wrap_decodes
 
 SR = 16000
 
@@ -89,10 +89,14 @@ def test_bad_audio_refused_and_failed_block_fail_one_session(engine, images, spe
 
 def test_non_finite_output_fails_the_session(engine, images, speech):
     with engine.open(images[0], seed=1) as a, engine.open(images[1], seed=2) as b:
-        a.state.decoder.decode = lambda z: torch.full((1, 3, 9, 32, 32), float("nan"))
-        with pytest.raises(BlockFailedError, match="stage 'finish' of block 0.*not finite"):
-            a.step(speech)
-            a.drain()
+        d = slot_decoder(engine, a.slot)
+        undo = wrap_decodes(engine, a.slot, lambda name, body: lambda: (body(), d.out_first.fill_(float("nan"))))
+        try:
+            with pytest.raises(BlockFailedError, match="stage 'finish' of block 0.*not finite"):
+                a.step(speech)
+                a.drain()
+        finally:
+            undo()
         assert a.failed is not None
         assert b.step(speech) + b.drain()
 

@@ -23,6 +23,7 @@ from runtime.realtime import (
     float_to_pcm16,
     rgb_to_i420,
 )
+from tests.stage_hooks import wrap_decodes
 
 SR = 16000
 FPS = 16
@@ -303,15 +304,16 @@ def test_other_rates_are_resampled_per_segment_when_asked(engine, image):
 
 
 # ---- failures and shutdown ----------------------------------------------------------------------------
-def test_worker_error_reaches_the_consumer_and_the_next_push(engine, image, monkeypatch):
-    real_decode = engine.family.stage_decode
+def test_worker_error_reaches_the_consumer_and_the_next_push(engine, image):
+    def block_1_fails(name, body):
+        if name != "decode/later1":  # blocks 1, 3, ... decode from the slot's input 1
+            return body
 
-    def decode(s, w):
-        if w.index == 1:
+        def decode():
             raise RuntimeError("CUDA out of memory (simulated)")
-        real_decode(s, w)
+        return decode
 
-    monkeypatch.setattr(engine.family, "stage_decode", decode)
+    undos = [wrap_decodes(engine, slot, block_1_fails) for slot in range(engine.max_sessions)]
 
     async def session_run():
         async with AvatarSession(engine, image) as avatar:
@@ -323,7 +325,11 @@ def test_worker_error_reaches_the_consumer_and_the_next_push(engine, image, monk
             with pytest.raises(AvatarSessionError, match="out of memory"):
                 await avatar.push_audio(np.zeros(320, np.int16), SR)
 
-    run(session_run())
+    try:
+        run(session_run())
+    finally:
+        for undo in undos:
+            undo()
 
 
 def test_backpressure_bounds_output_and_aclose_drops_pending_work(engine, image):

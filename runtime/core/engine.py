@@ -61,6 +61,7 @@ class Engine:
             raise ValueError("this family already serves an engine (its shared buffers hold that engine's "
                              "sessions); build another family")
         family._engine_bound = True
+        family.capture_graphs = mode != "eager"
         self.family, self.mode, self.max_sessions = family, mode, max_sessions
         self.runner = self._make_runner(mode)
         self._slots: list[Session | None] = [None] * max_sessions
@@ -115,6 +116,11 @@ class Engine:
                 return cls(family.random(config, device, dtype, backend, seed, max_sessions=max_sessions, **options),
                            mode=mode)
         raise TypeError(f"no model family takes a {type(config).__name__} config")
+
+    def eager_twin(self, max_sessions: int = 1) -> Engine:
+        """An engine of mode="eager" on this engine's weights (the family's `share_weights`: no copy,
+        new rows and buffers): the reference path beside the default one, e.g. in `avatar bench`."""
+        return Engine(self.family.share_weights(max_sessions), mode="eager")
 
     def __getattr__(self, name: str):
         # Family attributes (config, dit, device, dtype, quantize, ...) read through the engine.

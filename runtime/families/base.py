@@ -134,6 +134,9 @@ class Family(ABC):
 
     timeline: Timeline
     max_sessions: int               # the sessions the family's shared buffers were built for
+    # Capture the round's stages as CUDA graphs where the family can (on a CUDA device); the engine
+    # sets it from its mode (False for mode="eager": the stages' eager bodies, the reference).
+    capture_graphs: bool = True
 
     def padded(self, rows: int) -> int:
         """The batch a round of `rows` rows (1 + its highest slot) is padded to: the smallest of
@@ -156,6 +159,11 @@ class Family(ABC):
     def open_state(self, slot: int, reference_image, prompt: str | None, prompt_embeds, seed: int) -> SessionState:
         """A new session's state in `slot` (0 <= slot < max_sessions). Validate every input first
         and raise before anything changes (ValueError/TypeError naming the problem)."""
+
+    def share_weights(self, max_sessions: int = 1) -> Family:
+        """A new family of the same models (no copy of any weight) with its own shared rows, for a
+        second engine (`Engine.eager_twin`)."""
+        raise NotImplementedError(f"family {self.name!r} cannot share its weights with a second engine")
 
     def close_state(self, state: SessionState) -> None:
         """The session ended; its buffers may be reused by the next session of the slot."""

@@ -2,7 +2,8 @@
 
 A decoder model provides a functional `decode_step(z, cache, first) -> (frames, new_cache)` whose
 `first=True` call takes the stream's first latent frame alone (fresh cache) and whose later calls
-take any number of latent frames, plus `spatial_factor`, `device` and `dtype`. This class holds the
+take any number of latent frames, plus `init_decode_cache(batch, h, w)` (the engine keeps a static
+cache per slot: runtime/families/livetalk/graphs.py), `spatial_factor`, `device` and `dtype`. This class holds the
 cache between calls (taehv-style API: `reset()`, `decode(z)`, `flush()`).
 """
 from __future__ import annotations

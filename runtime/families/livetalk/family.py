@@ -26,6 +26,7 @@ from ...text import PromptEncoder, TextEncoderConfig
 from ...text.encoder import TEXT_FILES_HINT, find_text_files, missing_text_files
 from .. import register
 from ..base import Timeline
+from .graphs import RoundStages
 from .stages import LiveTalkStages, SharedRows, TalkState
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class LiveTalk(LiveTalkStages):
                                         roped=self.ops.roped_ring)
         self._mods = self.time_mods(self.rows.batch)
         self.opened = False                                # a session has run on these weights
+        self._round_stages: RoundStages | None = None      # built (and captured) at the first session
         self.quantization: QuantizeReport | None = None   # set by quantize()
         self.text_encoder: PromptEncoder | None = None
         self.text_encoder_missing = "this engine was built without one"  # why there is none, for errors
@@ -201,6 +203,13 @@ class LiveTalk(LiveTalkStages):
         self.quantization = quantize_dit_fp8(self.dit, granularity)
         return self.quantization
 
+    def share_weights(self, max_sessions: int = 1) -> LiveTalk:
+        """The same models (quantized ones included) and attention backend, new rows (see Family)."""
+        twin = type(self)(self.config, self.dit, self.vae, self.audio_encoder, device=self.device, dtype=self.dtype,
+                          backend=self.ops.name, taehv=self.taehv, max_sessions=max_sessions)
+        twin.quantization, twin.text_encoder = self.quantization, self.text_encoder
+        return twin
+
     @classmethod
     def _assemble(cls, config, dit, vae, audio, device, dtype, backend, taehv=None, max_sessions=4) -> LiveTalk:
         vae, audio = (m.to(device=device, dtype=dtype).eval().requires_grad_(False) for m in (vae, audio))
@@ -224,6 +233,20 @@ class LiveTalk(LiveTalkStages):
             return StreamingTAEHVDecoder(self.taehv, batch=1)
         return StreamingVAEDecoder(self.vae, batch=1)
 
+    @property
+    def round_stages(self) -> RoundStages:
+        """The rounds' stages over static buffers (graphs.py); on CUDA captured as graphs unless the
+        engine runs mode="eager" (`capture_graphs`). Built once, at the first session: the capture's
+        warm-up runs write the ring, and the weights are final by then (quantize comes first)."""
+        if self._round_stages is None:
+            stages = RoundStages(self)
+            if self.device.type == "cuda" and self.capture_graphs:
+                stages.capture()
+            elif self.device.type == "cuda":
+                log.info("graphs: not captured (mode='eager'): every stage runs its eager body")
+            self._round_stages = stages
+        return self._round_stages
+
     # ---- sessions -------------------------------------------------------------------------------
     def open_state(self, slot: int, reference_image, prompt: str | None = None, prompt_embeds=None,
                    seed: int = 0) -> TalkState:
@@ -238,6 +261,7 @@ class LiveTalk(LiveTalkStages):
         embeds = self._prompt_tensor(prompt_embeds, prompt)
         # Everything above validates input; nothing below can fail on user data.
         self.opened = True
+        self.round_stages  # noqa: B018 - built (on CUDA: captured) before the first session's state
         ref_latent = self._encode_reference(image)
         state = TalkState(
             audio=AudioStream(cfg.audio, cfg.fps, self.audio_encoder, self.device, self.dtype,
@@ -250,7 +274,6 @@ class LiveTalk(LiveTalkStages):
             cond_first=self._cond(ref_latent, first=True),
             cond_rest=self._cond(ref_latent, first=False),
             generator=torch.Generator(self.device).manual_seed(seed),
-            decoder=self.new_decoder(),
         )
         state.ring.clear()
         return state

@@ -3,18 +3,24 @@
 A round's rows are the sessions that run a block now, each at its own block index. Per session, on
 the caller's thread and in block order (`plan_block`): the host plan, the noise draw from the
 session's generator (shape [steps, 1, ...], as a session alone draws it), the wav2vec2 window and
-the audio condition. Batched (`round_tasks`, lane "compute"): one DiT forward per denoising step and
-one for the t=0 KV refresh over rows 0..batch-1 of the shared rows (KV ring, text K/V, device plan:
-row = slot). Per session again (lane "decode"): the streaming VAE decode with its own causal cache.
+the audio condition. Then the round (`round_tasks`) over the static buffers of its batch size
+(graphs.py: on CUDA these stages are captured graphs): `load` copies the rows' inputs in, one DiT
+forward per denoising step and one for the t=0 KV refresh run over rows 0..batch-1 of the shared
+rows (KV ring, text K/V, device plan: row = slot), `handoff` gives each row's x0 to its slot's
+decoder; per session (lane "decode"): the streaming decode with the slot's causal cache, `collect`
+copies the frames out.
 
 Padding: rows of the batch without a block in this round (free slots, sessions still waiting for
 audio) run on zero inputs with block 0's plan, which writes K/V into ring slots 0..F-1 of their row;
-those slots are saved before the round's first forward and restored after its refresh, so a padded
-session's ring is left exactly as it was. The cost: 2 copies of one block's K/V per padded row.
+those slots of every row are saved before the round's first forward and put back on the padded rows
+after its refresh (a masked copy: the same graph whichever rows pad), so a padded session's ring is
+left exactly as it was. The cost, in rounds that pad only: a copy of one block's K/V per row and a
+masked copy back.
 
 Ordering across rounds: every batched task of round r+1 runs after round r's on the compute lane
-(lanes are FIFO), so the shared device plan and the ring are rewritten only after round r's refresh;
-x and the frames are per-round tensors, so round r's decode may still run while round r+1 denoises.
+(lanes are FIFO), so the static inputs, x, the device plan and the ring are rewritten only after
+round r's hand-off; a slot's decode input is double-buffered (graphs.DECODE_INPUTS), so round r's
+decode may still run while round r+1 denoises.
 """
 from __future__ import annotations
 
@@ -29,13 +35,12 @@ from ...audio import AudioStream
 from ...config import EngineConfig
 from ...core.blocks import VideoBlock, check_finite, frames_uint8
 from ...models.dit import BlockPlan, TimeMod
-from ...models.taehv import StreamingTAEHVDecoder
-from ...models.vae import StreamingVAEDecoder
 from ...sampler import BlockInputs, denoise_step, refresh_kv
 from ...scheduler import Task
 from ...session import KVRing, StaticPlan, plan_block
 from ...transfer import copy_into
 from ..base import BATCH, Family, Row, SessionState
+from .graphs import DECODE_INPUTS
 
 
 @dataclass
@@ -48,7 +53,6 @@ class TalkState(SessionState):
     cond_first: torch.Tensor | None = None   # [1, C + 1, F, h, w]: block 0 (mask 0 on frame 0)
     cond_rest: torch.Tensor | None = None    # later blocks (mask 1 everywhere)
     generator: torch.Generator | None = None
-    decoder: StreamingVAEDecoder | StreamingTAEHVDecoder | None = None
     audio: AudioStream | None = None
 
 
@@ -170,10 +174,6 @@ class LiveTalkStages(Family):
     def stage_refresh(self, s: TalkState, w: BlockWork) -> None:
         refresh_kv(self.dit, self.ops, w.inputs, w.x, self.mods_for(1)[-1], s.text_kv, s.ring.k, s.ring.v, w.plan)
 
-    @torch.no_grad()
-    def stage_decode(self, s: TalkState, w: BlockWork) -> None:
-        w.video = s.decoder.decode(w.x.to(self.dtype))
-
     def finish(self, s: TalkState, w: BlockWork) -> VideoBlock:
         """Frames leave as a uint8 host copy, never a view of an engine-owned buffer."""
         check_finite(w.x, "denoised latent", w.index)
@@ -183,126 +183,121 @@ class LiveTalkStages(Family):
                           audio=w.audio)
 
     def finish_block(self, row: Row) -> VideoBlock:
+        """The row's block; its timings: denoise (load to hand-off on the compute lane) and decode
+        (hand-off to frames copied out, queueing behind the decode lane's earlier work included)."""
         block = self.finish(row.state, row.work)
-        block.timings = dict(row.timings)
+        timings = dict(row.timings)
+        load, handoff, collected = timings.pop("marks")
+        block.timings = {**timings, "denoise": _seconds(load, handoff), "decode": _seconds(handoff, collected)}
         return block
 
     # ---- the round ------------------------------------------------------------------------------
     def round_tasks(self, rows: list[Row], batch: int) -> list[Task]:
         r = _Round(self, rows, batch)
-        n = self.config.sampler.num_steps
+        S, slots = r.stages, self.round_stages.slots
         first_block = min(row.work.index for row in rows)
+        names = [f"step{i}" for i in range(self.config.sampler.num_steps)] + ["refresh"]
+        if r.padding:
+            names = ["save", *names, "restore"]
         tasks = [Task("load", "compute", r.load, group=BATCH, block=first_block)]
-        for i in range(n):
-            tasks.append(Task(f"step{i}", "compute", partial(r.step, i), deps=(len(tasks) - 1,), group=BATCH,
-                              block=first_block))
-        last = len(tasks) - 1
-        tasks.append(Task("refresh", "compute", r.refresh, deps=(last,), group=BATCH, block=first_block))
+        for name in names:
+            tasks.append(S.stages[name].task("compute", deps=(len(tasks) - 1,), group=BATCH, block=first_block))
+        tasks.append(Task("handoff", "compute", r.handoff, deps=(len(tasks) - 1,), group=BATCH, block=first_block))
+        handoff = len(tasks) - 1
         for row in rows:
-            tasks.append(Task("decode", "decode", partial(r.decode, row), deps=(last,), group=row.slot,
-                              block=row.work.index))
+            b, j = row.work.index, row.slot
+            tasks.append(slots[j].stage_for(b).task("decode", deps=(handoff,), group=j, block=b))
+            tasks.append(Task("collect", "decode", partial(r.collect, row), deps=(len(tasks) - 1,), group=j, block=b))
         return tasks
 
 
-def _pin_mask(pinned: list[bool], device: torch.device) -> torch.Tensor:
-    """[batch, 1, 1, 1, 1] bool, filled on the device: torch.tensor(list, device=) is a blocking upload."""
-    mask = torch.zeros(len(pinned), 1, 1, 1, 1, dtype=torch.bool, device=device)
-    for row, pin in enumerate(pinned):
-        if pin:
-            mask[row] = True  # a fill on the device
-    return mask
-
-
 class _Round:
-    """One round's batched inputs and stage bodies (see the module docstring)."""
+    """One round: its rows' inputs into batch `batch`'s static buffers (graphs.RoundStages), the
+    hand-off of x0 to the slots' decoders and the copy-out of each session's frames."""
 
     def __init__(self, family: LiveTalkStages, rows: list[Row], batch: int):
-        self.family, self.rows, self.batch = family, rows, batch
-        by_slot = {row.slot: row for row in rows}
-        self.padding = [j for j in range(batch) if j not in by_slot]
-        like = rows[0].work
-        zero_cond = torch.zeros_like(like.inputs.cond)
-        cfg = family.config
-        idle_plan = plan_block(0, cfg.cache, 1)
-        works = [by_slot[j].work if j in by_slot else None for j in range(batch)]
-        noise = torch.cat([w.noise if w else torch.zeros_like(like.noise) for w in works], dim=1)
-        ref = [by_slot[j].state.ref_latent if w is not None and w.index == 0 else None for j, w in enumerate(works)]
-        pinned = any(r is not None for r in ref)
-        zero_ref = torch.zeros_like(rows[0].state.ref_latent)
-        self.inputs = BlockInputs(
-            noise=noise,
-            cond=torch.cat([w.inputs.cond if w else zero_cond for w in works]),
-            audio=torch.cat([w.inputs.audio if w else torch.zeros_like(like.inputs.audio) for w in works]),
-            ref_latent=torch.cat([r if r is not None else zero_ref for r in ref]) if pinned else None,
-            pin=_pin_mask([r is not None for r in ref], family.device) if pinned else None)
-        plans = [w.host_plan if w else idle_plan for w in works]
+        self.family, self.rows = family, rows
+        self.stages = family.round_stages.batches[batch]
+        self.by_slot = {row.slot: row for row in rows}
+        self.padding = [j for j in range(batch) if j not in self.by_slot]
+        idle_plan = plan_block(0, family.config.cache, 1)
+        plans = [self.by_slot[j].work.host_plan if j in self.by_slot else idle_plan for j in range(batch)]
         self.host_plan = BlockPlan(*(torch.cat([getattr(p, name) for p in plans])
                                      for name in ("write_slots", "slot_pos", "q_pos")))
-        self.ring_k, self.ring_v, self.text_kv, self.plan = family.rows.head(batch)
-        self.mods = family.mods_for(batch)
-        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.x: torch.Tensor | None = None
-        self.denoise_s = 0.0
-        # The inputs above were made on the caller's stream; the lanes' streams wait for them.
+        self.plan = family.rows.head(batch)[3]
+        self.marks: dict[str, object] = {}
+        # The rows' inputs were made on the caller's stream; the compute lane waits for them.
         self.inputs_ready = torch.cuda.Event() if family.device.type == "cuda" else None
         if self.inputs_ready is not None:
             self.inputs_ready.record()
 
     @torch.no_grad()
     def load(self) -> None:
-        """The device plan for this round; padded rows' ring slots that the forwards will write, saved."""
+        """The round's inputs into the static buffers (zeros and no pinning on padded rows), the
+        device plan, and a ring of fully roped keys turned to the rows' positions."""
+        f = self.family
         if self.inputs_ready is not None:
-            torch.cuda.current_stream(self.family.device).wait_event(self.inputs_ready)
+            torch.cuda.current_stream(f.device).wait_event(self.inputs_ready)
+        self.marks["load"] = _mark(f.device)
         for name in ("write_slots", "slot_pos", "q_pos"):
             copy_into(getattr(self.plan, name), getattr(self.host_plan, name))
-        self._follow_positions()
-        span = self._padding_span()
-        self.saved = [(self.ring_k[:, j, span].clone(), self.ring_v[:, j, span].clone()) for j in self.padding]
-        self.x = self.inputs.noise[0]
+        S = self.stages
+        for j in range(S.batch):
+            row = self.by_slot.get(j)
+            if S.pad is not None:
+                S.pad[0, j].fill_(row is None)
+            if row is None:
+                for t in (S.inputs.noise[:, j], S.inputs.cond[j], S.inputs.audio[j]):
+                    t.zero_()
+                S.inputs.pin[j].fill_(False)
+                continue
+            w = row.work
+            S.inputs.noise[:, j].copy_(w.noise[:, 0])
+            S.inputs.cond[j].copy_(w.inputs.cond[0])
+            S.inputs.audio[j].copy_(w.inputs.audio[0])
+            S.inputs.pin[j].fill_(w.index == 0)
+            if w.index == 0:
+                S.inputs.ref_latent[j].copy_(w.inputs.ref_latent[0])
+            self._follow_positions(row)
 
-    def _follow_positions(self) -> None:
+    def _follow_positions(self, row: Row) -> None:
         """A ring of fully roped keys turns to this round's positions, row by row (padded rows are not
         touched: their written slots are restored after the refresh)."""
-        f = self.family
+        f, j = self.family, row.slot
         ring = f.rows.ring
         if ring.roped is None:
             return
         cfg = f.config
+        plan = BlockPlan(*(getattr(self.plan, n)[j:j + 1] for n in ("write_slots", "slot_pos", "q_pos")))
+        ring.rows(j, j + 1).follow(plan, cfg.tokens_per_frame, cfg.dit.rope_theta, row.work.index)
+
+    def handoff(self) -> None:
+        """x0's rows into their slots' decode inputs (x is the next round's to rewrite)."""
+        x = self.stages.x
         for row in self.rows:
-            j = row.slot
-            plan = BlockPlan(*(getattr(self.plan, n)[j:j + 1] for n in ("write_slots", "slot_pos", "q_pos")))
-            ring.rows(j, j + 1).follow(plan, cfg.tokens_per_frame, cfg.dit.rope_theta, row.work.index)
+            d = self.family.round_stages.slots[row.slot]
+            d.z[row.work.index % DECODE_INPUTS].copy_(x[row.slot:row.slot + 1])
+        self.marks["handoff"] = _mark(self.family.device)
 
-    def _padding_span(self) -> slice:
-        """Ring tokens of block 0's write slots (0..F-1): what a padded row's forward writes."""
-        cfg = self.family.config
-        return slice(0, cfg.cache.block_frames * cfg.tokens_per_frame)
-
-    @torch.no_grad()
-    def step(self, i: int) -> None:
-        t0 = time.perf_counter()
-        f = self.family
-        self.x = denoise_step(f.dit, f.ops, self.inputs, self.x, i, self.mods[i], f.config.sampler.sigmas,
-                              self.text_kv, self.ring_k, self.ring_v, self.plan)
-        self.denoise_s += time.perf_counter() - t0
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        t0 = time.perf_counter()
-        f = self.family
-        refresh_kv(f.dit, f.ops, self.inputs, self.x, self.mods[-1], self.text_kv, self.ring_k, self.ring_v,
-                   self.plan)
-        span = self._padding_span()
-        for j, (k, v) in zip(self.padding, self.saved):
-            self.ring_k[:, j, span] = k
-            self.ring_v[:, j, span] = v
-        self.saved = []
-        self.denoise_s += time.perf_counter() - t0
-
-    @torch.no_grad()
-    def decode(self, row: Row) -> None:
-        t0 = time.perf_counter()
+    def collect(self, row: Row) -> None:
+        """The session's frames (and x0) copied out of its slot's static buffers."""
         w = row.work
-        w.x = self.x[row.slot:row.slot + 1]
-        self.family.stage_decode(row.state, w)
-        row.timings.update(denoise=self.denoise_s, decode=time.perf_counter() - t0)
+        d = self.family.round_stages.slots[row.slot]
+        w.video = d.output(w.index).clone()
+        w.x = d.z[w.index % DECODE_INPUTS].clone()
+        row.timings["marks"] = (self.marks["load"], self.marks["handoff"], _mark(self.family.device))
+
+
+def _mark(device: torch.device):
+    """A point in the current stream's order: a timing event on CUDA, the host clock elsewhere."""
+    if device.type != "cuda":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _seconds(start, end) -> float:
+    if isinstance(start, torch.cuda.Event):
+        return start.elapsed_time(end) / 1e3
+    return end - start
