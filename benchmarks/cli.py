@@ -25,7 +25,8 @@ _FAMILY1_ONLY = {"--resolution": None, "--backend": "auto", "--decoder": "wan", 
 def run_bench(engine, seconds: float, chunk_ms: float = 40.0, warmup_blocks: int = 2, rounds: int = 1,
               dit_blocks: int = 8, compare_upstream: bool = False, seed: int = 0,
               peak_tflops: float | None = None) -> dict:
-    """Measure `engine` end to end and DiT only (and the upstream path); returns the JSON report."""
+    """Measure `engine` end to end (and, unless it is eager itself, an eager engine on the same weights)
+    and DiT only (and the upstream path); returns the JSON report."""
     from runtime.flops import PEAK_TFLOPS_BF16
     from runtime.profiling import profile_session
 
@@ -36,6 +37,10 @@ def run_bench(engine, seconds: float, chunk_ms: float = 40.0, warmup_blocks: int
     results = {}
     with profile_session(name="bench"):  # a torch.profiler trace only when AVATAR_TORCH_PROFILE is set
         results["e2e"] = measure_engine(engine, seconds, chunk_ms, warmup_blocks, rounds, seed, peak, context=False)
+        if engine.mode != "eager":  # the eager path side by side: the same weights, another engine
+            with engine.eager_twin() as eager:
+                results["e2e_eager"] = measure_engine(eager, seconds, chunk_ms, warmup_blocks, rounds, seed, peak,
+                                                      context=False)
         setup = DitSetup.from_engine(engine, seed)
         paths = [("dit", RingRunner)] + ([("dit_upstream", UpstreamRunner)] if compare_upstream else [])
         for key, make_runner in paths:  # one runner (and its KV cache) alive at a time

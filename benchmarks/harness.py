@@ -278,6 +278,11 @@ class _StreamRound:
     push_s: list[float]            # step() calls that returned no block (audio pushes only)
 
 
+def engine_path(engine) -> str:
+    """What an e2e row measured: the attention backend, and `/eager` for mode="eager" (no graphs, no lanes)."""
+    return f"engine/{engine.ops.name}" + ("/eager" if engine.mode == "eager" else "")
+
+
 class EngineBench:
     """End-to-end measurement of an Engine (see the module docstring for what is timed)."""
 
@@ -359,7 +364,7 @@ class EngineBench:
         ahead = cfg.audio.window_frames(cfg.fps)[1]
         seconds = sum(r.seconds for r in rounds)
         return {
-            "kind": "e2e", "path": f"engine/{self.engine.ops.name}", "timer": timer_name(self.engine.device),
+            "kind": "e2e", "path": engine_path(self.engine), "timer": timer_name(self.engine.device),
             "rounds": len(rounds), "warmup_blocks": self.warmup_blocks,
             "audio_seconds": self.seconds, "chunk_ms": self.chunk_ms,
             **latency_stats([s for r in rounds for s in r.block_s]),

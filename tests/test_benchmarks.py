@@ -235,7 +235,9 @@ def test_cli_writes_json_with_upstream_ratio(tmp_path):
         assert column in result.output
     assert "upstream / ours" in result.output
     report = json.loads(out.read_text())
-    assert set(report["results"]) == {"e2e", "dit", "dit_upstream"}
+    assert set(report["results"]) == {"e2e", "e2e_eager", "dit", "dit_upstream"}
+    default, eager = report["results"]["e2e"]["path"], report["results"]["e2e_eager"]["path"]
+    assert eager == default + "/eager" and "engine/" + default.split("/")[1] + "/eager" in result.output
     for key, res in report["results"].items():
         _check_fields({**report["environment"], **report["settings"], **res}, key)
     assert report["results"]["e2e"]["blocks_measured"] == 2 and report["settings"]["resolution"] == "16x32"
