@@ -64,7 +64,7 @@ def test_step_states_chained_equal_stream(model, session, reference):
     """The pipeline's building blocks without processes: a bug here is not a transport bug."""
     args = (session["ref_latent"], session["motion_latents"], session["prompt_embeds"], SETTINGS)
     states = [StepState(model, i, *args) for i in range(TINY.num_steps)]
-    noise = NoiseSource(SETTINGS.seed, states[0].latent_shape, torch.device("cpu"), model.dtype)
+    noise = NoiseSource(SETTINGS.seed, states[0].latent_shape, model)
     got, sink = [], None
     for k, features in enumerate(session["features_per_block"]):
         audio, x = model.encode_audio(features), noise.next()

@@ -56,6 +56,40 @@ class StreamSettings:
                              f"got {self.adaptive_sink_block}")
 
 
+def draw_noise(gen: torch.Generator, shape: tuple[int, ...], model: LiveAvatarDiT) -> torch.Tensor:
+    """x_T of a block: drawn on the CPU from the session's generator (the same numbers on every
+    device), then moved to the model's device and dtype."""
+    return torch.randn(shape, generator=gen).to(model.patch_embedding.weight.device, model.dtype)
+
+
+class DenoiseStep:
+    """Denoising step `step` of one session's blocks: its KV ring, modulation and sigma delta. A stream
+    holds one per step; a TPP step rank holds the one of its step (tpp_step.StepState)."""
+
+    def __init__(self, model: LiveAvatarDiT, step: int, batch: int, token_hw: tuple[int, int]):
+        cfg = model.cfg
+        if not 0 <= step < cfg.num_steps:
+            raise ValueError(f"step must be 0..{cfg.num_steps - 1}, got {step}")
+        self.cfg, self.step, self.dtype = cfg, step, model.dtype
+        self.ring = KVRing(cfg, batch, token_hw, model.patch_embedding.weight.device, model.dtype)
+        # upstream feeds diffusers' fp32 timestep/sigma tensors: cfg gives those exact fp32 values
+        t = torch.tensor(cfg.timesteps, dtype=torch.float32)
+        self.mod: TimeMod = model.time_mod(t[step].expand(batch, cfg.block_frames))
+        sigmas = torch.tensor(cfg.sigmas, dtype=torch.float32)
+        self.sigma_delta = sigmas[step + 1] - sigmas[step]
+
+    def row_inputs(self, text_kv, cond: Condition, counter: int, block: int, ref_frame: int) -> RowInputs:
+        """Plan this step of the session's `counter`-th block (stream index `block`): claim its ring
+        slots; the forward reads the ring's history and writes the block's keys on the noisy x."""
+        F = self.cfg.block_frames
+        read = self.ring.begin_block(counter, block * F, F)
+        return RowInputs(text_kv, cond, first_frame=block * F, ref_frame=ref_frame, history=read)
+
+    def update(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """diffusers' Euler step: fp32 update, back to the latent dtype."""
+        return (x.float() + self.sigma_delta * v.float()).to(self.dtype)
+
+
 class LiveAvatarStream:
     """One session: `generate_block(audio_features)` -> denoised latents [B, C, F, h, w], block after block.
 
@@ -73,12 +107,7 @@ class LiveAvatarStream:
         self.motion_latents = motion_latents.clone()
         self.ref_latent = ref_latent.clone()  # kept for reset(): the adaptive sink replaces it
         self.cond: Condition = model.encode_condition(ref_latent, motion_latents, self.text_kv)
-        device, dtype = model.patch_embedding.weight.device, model.dtype
-        self.rings = [KVRing(cfg, B, self.cond.token_hw, device, dtype) for _ in range(cfg.num_steps)]
-        # upstream feeds diffusers' fp32 timestep/sigma tensors: cfg gives those exact fp32 values
-        t = torch.tensor(cfg.timesteps, dtype=torch.float32)
-        self.mods = [model.time_mod(t[i].expand(B, cfg.block_frames)) for i in range(cfg.num_steps)]
-        self.sigmas = torch.tensor(cfg.sigmas, dtype=torch.float32)
+        self.steps = [DenoiseStep(model, i, B, self.cond.token_hw) for i in range(cfg.num_steps)]
         self.noise = torch.Generator()
         self.reset(refill=False)
 
@@ -91,6 +120,10 @@ class LiveAvatarStream:
             ring.reset()
         if refill:
             self._refill_condition(self.ref_latent)
+
+    @property
+    def rings(self) -> list[KVRing]:
+        return [s.ring for s in self.steps]
 
     @property
     def block_index(self) -> int:
@@ -111,15 +144,12 @@ class LiveAvatarStream:
 
     def draw_noise(self) -> torch.Tensor:
         """x_T of the next block, from the session's own seeded generator."""
-        model = self.model
-        return torch.randn(self.latent_shape, generator=self.noise).to(model.patch_embedding.weight.device, model.dtype)
+        return draw_noise(self.noise, self.latent_shape, self.model)
 
     def row_inputs(self, step: int) -> RowInputs:
         """Plan denoising step `step` of the next block: claim its ring slots, place the sink."""
-        F, b, k = self.cfg.block_frames, self.block_index, self.blocks_done
-        f0 = b * F
-        read = self.rings[step].begin_block(k, f0, F)
-        return RowInputs(self.text_kv, self.cond, first_frame=f0, ref_frame=self.ref_frame(b, step), history=read)
+        b = self.block_index
+        return self.steps[step].row_inputs(self.text_kv, self.cond, self.blocks_done, b, self.ref_frame(b, step))
 
     def end_block(self, x: torch.Tensor) -> None:
         """The block's denoised latents are x: the adaptive sink takes its frame, the stream moves on."""
@@ -165,7 +195,7 @@ class BlockBatch:
 
     @property
     def num_steps(self) -> int:
-        return len(self.streams[0].rings)
+        return len(self.streams[0].steps)
 
     def begin(self) -> None:
         self.audio = self.model.encode_audio(cat_rows(self.features))
@@ -174,11 +204,9 @@ class BlockBatch:
     def step(self, i: int) -> None:
         streams, model = self.streams, self.model
         rows = [s.row_inputs(i) for s in streams]
-        mod = streams[0].mods[i] if len(streams) == 1 else TimeMod.cat([s.mods[i] for s in streams])
-        v = model.forward_rows(self.x, mod, self.audio, rows)
-        sigmas = streams[0].sigmas
-        # diffusers' Euler step: fp32 update, back to the latent dtype
-        self.x = (self.x.float() + (sigmas[i + 1] - sigmas[i]) * v.float()).to(model.dtype)
+        mods = [s.steps[i].mod for s in streams]
+        v = model.forward_rows(self.x, mods[0] if len(mods) == 1 else TimeMod.cat(mods), self.audio, rows)
+        self.x = streams[0].steps[i].update(self.x, v)
 
     def end(self) -> list[torch.Tensor]:
         self.latents = list(self.x.split([s.latent_shape[0] for s in self.streams]))

@@ -54,7 +54,7 @@ class _StepRank:
         self.net, self.wire, self.rank = ctx.transport, _Wire(state), ctx.rank
         self.adaptive_at = session.settings.adaptive_sink_block
         self.sink_frame: _Incoming | torch.Tensor | None = None
-        self.noise = NoiseSource(session.settings.seed, state.latent_shape, ctx.transport.device, state.model.dtype)
+        self.noise = NoiseSource(session.settings.seed, state.latent_shape, state.model)
         self.features = iter(session.features) if self.rank == 0 else None  # rank 0 owns the audio
         send_audio = self.rank == 0 and layout.decode and session.block_audio is not None
         self.block_audio = iter(session.block_audio) if send_audio else None
