@@ -119,6 +119,36 @@ def test_with_graphs_every_stage_runs_through_its_graph_and_frames_equal_eager(i
         np.testing.assert_array_equal(got[slot], want[slot], err_msg=f"slot {slot}")
 
 
+def test_stage_bodies_are_capturable_no_host_read_no_upload(images, speech, monkeypatch):
+    """What capture forbids, caught on the CPU: inside a stage body no host read of a device value
+    (a sync), no tensor from host data, no pinned staging copy (runtime.transfer: only `load` may)."""
+    from runtime import transfer
+    from tests.test_host_sync import HostSyncCounter
+
+    counter = HostSyncCounter()
+    counter.patch(monkeypatch)
+    pinned = transfer.pinned
+
+    def staged(t, device):
+        counter._record("runtime.transfer.pinned")
+        return pinned(t, device)
+    monkeypatch.setattr(transfer, "pinned", staged)
+    ran = Counter()
+    with Engine.from_pretrained("micro", max_sessions=4, mode="eager") as engine:
+        for _, stage in engine.family.round_stages.all_stages():
+            def watched(body=stage.body, name=stage.name):
+                ran[name] += 1
+                counter.active = True
+                try:
+                    body()
+                finally:
+                    counter.active = False
+            stage.body = watched
+        stream(engine, images, speech)
+    assert {"step0", "refresh", "save", "restore", "decode/first", "decode/later1"} <= set(ran)
+    assert counter.calls == {}, counter.calls
+
+
 def test_stage_buffers_are_per_batch_size_and_slot():
     with Engine.from_pretrained("micro", max_sessions=3) as engine:
         stages: RoundStages = engine.family.round_stages
