@@ -142,7 +142,7 @@ def test_failing_rank_is_named_and_ends_all_ranks(session, world, spec, role):
     ({"world_size": 3}, "world_size must be 4"),
     ({"world_size": 6}, "world_size must be 4"),
     ({"fail_at": "1:audio"}, r"rank 1 \(step 1\) runs only denoise"),
-    ({"fail_at": "9:denoise"}, "rank 9 is outside world size 4"),
+    ({"fail_at": "9:denoise"}, "names rank 9, world size is 4"),
     ({"backend": "mpi"}, "backend must be"),
 ])
 def test_bad_arguments_fail_before_spawning(session, kwargs, match):

@@ -17,24 +17,22 @@ import torch
 
 from runtime.config import EngineConfig
 from runtime.engine import Engine
-from runtime.media import synth_speech_like
-from runtime.pipeline import (
+from runtime.families.livetalk.pipeline import (
     ACK_LAG,
-    FAIL_ENV,
     KIND_CANCELLED,
     KIND_FAILED,
     KIND_OK,
-    FailSpec,
     Header,
     Layout,
-    PipelineError,
     Status,
     StreamSpec,
-    _wait,
     parse_header,
     run_pipeline,
     run_pipeline_streams,
 )
+from runtime.media import synth_speech_like
+from runtime.parallel import FAIL_ENV, FailSpec, PipelineError
+from runtime.parallel.procs import wait_for
 
 SR = 16000
 PRESET = "micro"
@@ -367,13 +365,13 @@ def _killed(root: str) -> None:
 
 
 def test_driver_names_the_rank_killed_by_a_signal(tmp_path):
-    """runtime.pipeline._wait (also the family-2 TPP's driver) names the killed rank, not its peer's report."""
+    """runtime.parallel.procs.wait_for (both families' drivers) names the killed rank, not its peer's report."""
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=f, args=(str(tmp_path),)) for f in (_peer_noticing, _killed)]
     for p in procs:
         p.start()
     with pytest.raises(PipelineError) as info:
-        _wait(procs, tmp_path, time.perf_counter() + 30)
+        wait_for(procs, tmp_path, time.perf_counter() + 30)
     e = info.value
     assert e.rank == 1
     assert str(e).startswith("pipeline rank 1 died without reporting an error: killed by signal 9 (SIGKILL)")

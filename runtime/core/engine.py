@@ -220,7 +220,7 @@ class Engine:
 
     @property
     def _session(self):
-        """The default session's state (runtime/pipeline.py drives its stages directly)."""
+        """The default session's state (runtime/families/livetalk/pipeline.py drives its stages directly)."""
         return self._default.state if self._default is not None else None
 
     @_session.setter
@@ -236,7 +236,7 @@ class Engine:
         return self._default
 
     def _require_session(self):
-        """The default session's state, for code that drives the stages itself (runtime/pipeline.py)."""
+        """The default session's state, for code that drives the stages itself (runtime/families/livetalk/pipeline.py)."""
         return self._open_state(self._default_session())
 
     @staticmethod

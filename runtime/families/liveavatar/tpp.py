@@ -20,7 +20,7 @@ pair's point-to-point operations in issue order):
   step rank, then x_t rank i -> i+1 (the last step rank -> the collect rank); once, after block 0,
   the sink frame from the last step rank -> every other step rank.
 The transport, the stage/trace/failure-injection context and the process driver helpers are
-runtime/pipeline.py's (family 1), imported, not copied.
+runtime/parallel/'s, shared with LiveTalk's pipeline.
 
 Drivers: `run_liveavatar_tpp` spawns the ranks on this machine (gloo on CPU: tests); `serve_rank` is
 the per-rank entry for torchrun (NCCL on GPUs): `init_torchrun_rank()`, build the model on the
@@ -44,19 +44,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from runtime.pipeline import (
-    FailSpec,
-    PipelineError,
-    StageError,
-    StageEvent,
-    _process_context,
-    _Rank,
-    _stop,
-    _Transport,
-    _wait,
-    _write_json,
-    init_spawned_rank,
-)
+from runtime.parallel.failures import FailSpec, PipelineError, StageError
+from runtime.parallel.procs import init_spawned_rank, process_context, stop, wait_for, write_json
+from runtime.parallel.rank import RankContext, StageEvent
+from runtime.parallel.transport import Transport
 
 from .config import LiveAvatarConfig, resolve_config
 from .model import LiveAvatarDiT, build_liveavatar
@@ -93,13 +84,13 @@ def serve_rank(rank: int, world_size: int, model: LiveAvatarDiT, session: TppSes
         raise ValueError("rank 0 sends the decode rank each block's audio: the session needs block_audio")
     fail = FailSpec.parse(fail_at)
     if fail is not None:
-        layout.check_fail(fail)
+        fail.check(layout)
     if rank == layout.output_rank and sink is None:
         raise ValueError(f"rank {rank} hands out the latents: it needs a sink")
     if rank == 0 and session.features is None:
         raise ValueError("rank 0 owns the audio: the session needs its features")
     sleeps = {"denoise": step_sleep_s} if step_sleep_s else None
-    ctx = _Rank(rank, layout, _Transport(device, meta_group), fail, sleeps)
+    ctx = RankContext(rank, layout, Transport(device, meta_group), fail, sleeps)
     if rank == layout.collect_rank:
         B, C, _, lh, lw = session.ref_latent.shape
         _collect(ctx, layout, (B, C, model.cfg.block_frames, lh, lw), model.dtype, session.settings.start_block,
@@ -171,7 +162,8 @@ def _save_latents(root: Path, counter: int, x: torch.Tensor) -> None:
 
 
 def _report_error(root: Path, rank: int, job: _Job, e: BaseException) -> None:
-    """In the format runtime.pipeline's driver reads back (`_wait` -> PipelineError naming rank and block)."""
+    """In the format the shared driver reads back (runtime.parallel.procs.wait_for -> PipelineError naming
+    rank and block)."""
     if isinstance(e, StageError):
         # one session per run: session 0 (family 1's stages name sessions, these do not)
         info = {"role": e.role, "stage": e.stage, "session": 0, "block": e.block, "transfer": e.transfer,
@@ -184,7 +176,7 @@ def _report_error(root: Path, rank: int, job: _Job, e: BaseException) -> None:
         info = {"role": role, "stage": "setup", "session": -1, "block": -1, "transfer": False,
                 "cause": f"{type(e).__name__}: {e}"}
     info.update(rank=rank, time=time.time(), traceback=traceback.format_exc())
-    _write_json(root / f"error{rank}.json", info)
+    write_json(root / f"error{rank}.json", info)
     print(f"[tpp rank {rank}] {info['stage']} (block {info['block']}): {info['cause']}", flush=True)
 
 
@@ -216,7 +208,7 @@ def run_liveavatar_tpp(config: LiveAvatarConfig | str, features_per_block: Seque
     layout = TppLayout(world_size or cfg.num_steps, cfg.num_steps)
     spec = FailSpec.parse(fail_at)
     if spec is not None:
-        layout.check_fail(spec)
+        spec.check(layout)
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     features = list(features_per_block)
@@ -229,30 +221,28 @@ def run_liveavatar_tpp(config: LiveAvatarConfig | str, features_per_block: Seque
     procs = _start(job, root, backend, start_method)
     start = time.perf_counter()
     try:
-        _wait(procs, root, start + timeout_s)
+        wait_for(procs, root, start + timeout_s)
         wall = time.perf_counter() - start
         latents = [torch.load(root / f"latents{k}.pt", weights_only=True) for k in range(len(features))]
         trace = [StageEvent(**e) for r in range(layout.world_size)
                  for e in json.loads((root / f"trace{r}.json").read_text())]
         return TppRun(latents, trace, wall)
     finally:
-        _stop(procs, 0)
+        stop(procs, 0)
         shutil.rmtree(root, ignore_errors=True)
 
 
 def _start(job, root: Path, backend: str, start_method: str, target=None) -> list:
     """Spawns job.world_size processes of `target(rank, job, root, backend)` (default: `_spawned_rank`)."""
     target = target or _spawned_rank
-    ctx = _process_context(start_method)
-    if start_method == "forkserver":  # import the rank's module once in the server too, not in every rank
-        ctx.set_forkserver_preload(list(dict.fromkeys(["runtime.pipeline", __name__, target.__module__])))
+    ctx = process_context(start_method, ["runtime.parallel.procs", __name__, target.__module__])
     procs = [ctx.Process(target=target, args=(r, job, str(root), backend), daemon=True,
                          name=f"tpp-rank{r}") for r in range(job.world_size)]
     try:
         for p in procs:
             p.start()
     except BaseException:
-        _stop(procs, 0)
+        stop(procs, 0)
         raise
     return procs
 

@@ -27,7 +27,9 @@ import torch.distributed as dist
 from runtime.audio.validate import check_chunk
 from runtime.core.blocks import VideoBlock, cut_to_frames
 from runtime.models.streaming import StreamingDecoder
-from runtime.pipeline import FailSpec, StageEvent, _stop, _wait, init_spawned_rank
+from runtime.parallel.failures import FailSpec
+from runtime.parallel.procs import init_spawned_rank, stop, wait_for
+from runtime.parallel.rank import StageEvent
 
 from .audio_front import SAMPLE_RATE, SAMPLES_PER_VIDEO_FRAME
 from .family import PRESET_OF, LiveAvatar, window_samples
@@ -150,7 +152,7 @@ def run_liveavatar_tpp_audio(preset: str, audio, reference_image: np.ndarray, *,
         raise ValueError(f"world_size must be {num_steps + 1} (the step ranks + a decode rank), got {world_size}")
     spec = FailSpec.parse(fail_at)
     if spec is not None:
-        layout.check_fail(spec)
+        spec.check(layout)
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     samples = check_chunk(audio, sample_rate, SAMPLE_RATE)
@@ -165,7 +167,7 @@ def run_liveavatar_tpp_audio(preset: str, audio, reference_image: np.ndarray, *,
     procs = _start(job, root, backend, start_method, _spawned_rank)
     start = time.perf_counter()
     try:
-        _wait(procs, root, start + timeout_s)
+        wait_for(procs, root, start + timeout_s)
         wall = time.perf_counter() - start
         blocks = sorted(root.glob("block*.pt"), key=lambda p: int(p.stem[5:]))
         trace = [StageEvent(**e) for r in range(layout.world_size)
@@ -175,5 +177,5 @@ def run_liveavatar_tpp_audio(preset: str, audio, reference_image: np.ndarray, *,
         return TppBlocks([cut_to_frames(b, end, SAMPLES_PER_VIDEO_FRAME) for b, _ in loaded],
                          [x for _, x in loaded], trace, wall)
     finally:
-        _stop(procs, 0)
+        stop(procs, 0)
         shutil.rmtree(root, ignore_errors=True)

@@ -6,8 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from runtime.pipeline import FailSpec
-
 from .stream import StreamSettings
 
 KIND_BLOCK, KIND_END = 1, 2
@@ -51,12 +49,6 @@ class TppLayout:
         if rank == self.collect_rank:
             return ("decode", "emit") if self.decode else ("emit",)
         return ("audio", "denoise") if rank == 0 else ("denoise",)
-
-    def check_fail(self, spec: FailSpec) -> None:
-        self.role(spec.rank)
-        if spec.stage not in self.stages(spec.rank):
-            raise ValueError(f"rank {spec.rank} ({self.role(spec.rank)}) runs only "
-                             f"{', '.join(self.stages(spec.rank))}, not {spec.stage!r}")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ from typing import Protocol
 
 import torch
 
-from runtime.pipeline import _Incoming, _Rank
+from runtime.parallel.rank import RankContext
+from runtime.parallel.transport import Incoming
 
 from .model import AudioTokens
 from .tpp_layout import (
@@ -48,12 +49,12 @@ class _Wire:
 class _StepRank:
     """Runs step `ctx.rank` of every block, in block order, until rank 0's END header."""
 
-    def __init__(self, ctx: _Rank, layout: TppLayout, state: StepState, session: TppSession,
+    def __init__(self, ctx: RankContext, layout: TppLayout, state: StepState, session: TppSession,
                  sink: Callable[[int, torch.Tensor], None] | None):
         self.ctx, self.layout, self.state, self.session, self.sink = ctx, layout, state, session, sink
         self.net, self.wire, self.rank = ctx.transport, _Wire(state), ctx.rank
         self.adaptive_at = session.settings.adaptive_sink_block
-        self.sink_frame: _Incoming | torch.Tensor | None = None
+        self.sink_frame: Incoming | torch.Tensor | None = None
         self.noise = NoiseSource(session.settings.seed, state.latent_shape, state.model)
         self.features = iter(session.features) if self.rank == 0 else None  # rank 0 owns the audio
         send_audio = self.rank == 0 and layout.decode and session.block_audio is not None
@@ -71,7 +72,7 @@ class _StepRank:
 
     def _wait_sink_frame(self, block: int) -> None:
         """The posted receive of block 0's frame, completed once (the last step rank has it already)."""
-        if isinstance(self.sink_frame, _Incoming):
+        if isinstance(self.sink_frame, Incoming):
             with self.ctx.stage("recv sink", block=block, transfer=True):
                 self.sink_frame = self.sink_frame.wait()
 
@@ -147,7 +148,7 @@ class _StepRank:
             self.sink_frame = self.net.recv(self.wire.sink, self.wire.dtype, last, TAG_SINK)
 
 
-def _collect(ctx: _Rank, layout: TppLayout, state_shape: tuple[int, ...], dtype: torch.dtype,
+def _collect(ctx: RankContext, layout: TppLayout, state_shape: tuple[int, ...], dtype: torch.dtype,
              start_block: int, sink: Callable[[int, object], None], decoder: BlockDecoder | None = None) -> None:
     """The collect rank: every block's latents from the last step rank, in order, to the sink; with a
     decoder (a decode rank), decoded with the block's covered audio from rank 0 first."""

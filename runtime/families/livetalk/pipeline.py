@@ -32,7 +32,7 @@ timeouts and failures outside a session still end the whole run.
 
 Drivers: `run_pipeline` / `run_pipeline_streams` spawn the ranks on this machine (gloo on CPU: tests);
 `main()` runs under torchrun (one process per GPU):
-    torchrun --nproc-per-node 5 -m runtime.pipeline --model tiny --out out.mp4
+    torchrun --nproc-per-node 5 -m runtime.parallel --model tiny --out out.mp4
 """
 from __future__ import annotations
 
@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import tempfile
 import time
 import traceback
@@ -57,17 +56,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import PRESETS, EngineConfig
-from .engine import BlockWork, Engine, VideoBlock, check_quantize, frames_uint8
-from .families import Row
-from .families.livetalk import LiveTalk
-from .sampler import BlockInputs
-from .session import plan_block
+from ...config import PRESETS, EngineConfig
+from ...engine import BlockWork, Engine, VideoBlock, check_quantize, frames_uint8
+from ...parallel.failures import FAIL_ENV, STAGE_NAMES, FailSpec, PipelineError, StageError, error_of
+from ...parallel.procs import init_spawned_rank, process_context, stop, wait_for, write_json
+from ...parallel.rank import RankContext, StageEvent
+from ...parallel.transport import Incoming, Transport
+from ...sampler import BlockInputs
+from ...session import plan_block
+from ..base import Row
+from .family import LiveTalk
 
 log = logging.getLogger(__name__)
 
-FAIL_ENV = "RUNTIME_PIPELINE_FAIL"  # "RANK:STAGE[:BLOCK[:SESSION]]": raise in that stage (tests, drills)
-STAGES = ("begin", "audio", "denoise", "refresh", "decode", "emit")
+STAGES = STAGE_NAMES  # this pipeline's ranks run every stage name there is
 END_STAGES = (*STAGES, "cancel")  # what a status can name as the place a session ended early
 
 TAG_HEADER, TAG_SPAN, TAG_AUDIO, TAG_NOISE, TAG_X, TAG_X0 = 1, 2, 3, 4, 5, 6
@@ -122,135 +124,12 @@ class Layout:
         name = f"steps {steps[0]}-{steps[-1]}" if len(steps) > 1 else f"step {steps[0]}"
         return name + (" + audio" if rank == 0 else "")
 
+    def stages(self, rank: int) -> tuple[str, ...]:
+        """Stages a rank runs (failure specs naming another stage would never fire)."""
+        if rank == self.decode_rank:
+            return ("decode", "emit")
+        return ("begin", "audio", "denoise", "refresh") if rank == 0 else ("denoise", "refresh")
 
-# ---- errors and failure injection ----------------------------------------------------------------
-
-def stages_of(layout: Layout, rank: int) -> tuple[str, ...]:
-    if rank == layout.decode_rank:
-        return ("decode", "emit")
-    return ("begin", "audio", "denoise", "refresh") if rank == 0 else ("denoise", "refresh")
-
-
-class PipelineError(RuntimeError):
-    """A rank failed (or the pipeline timed out); names the rank and the stage."""
-
-    def __init__(self, message: str, rank: int | None = None, role: str | None = None,
-                 stage: str | None = None, session: int | None = None, block: int | None = None):
-        super().__init__(message)
-        self.rank, self.role, self.stage, self.session, self.block = rank, role, stage, session, block
-
-
-class StageError(RuntimeError):
-    """Raised inside a rank: the stage that failed, wrapping the original exception."""
-
-    def __init__(self, rank: int, role: str, stage: str, session: int, block: int, transfer: bool,
-                 cause: BaseException):
-        self.rank, self.role, self.stage, self.session, self.block = rank, role, stage, session, block
-        self.transfer = transfer
-        self.cause = f"{type(cause).__name__}: {cause}"
-        super().__init__(f"pipeline rank {rank} ({role}) failed in stage '{stage}' "
-                         f"(session {session}, block {block}): {self.cause}")
-
-
-class InjectedFailure(RuntimeError):
-    pass
-
-
-@dataclass(frozen=True)
-class FailSpec:
-    """Where to inject a failure: a rank's stage, optionally only at one block and/or one session."""
-
-    rank: int
-    stage: str
-    block: int | None = None
-    session: int | None = None
-
-    @classmethod
-    def parse(cls, text: str | FailSpec | None) -> FailSpec | None:
-        if not text or isinstance(text, FailSpec):
-            return text or None
-        parts = text.split(":")
-        try:
-            if len(parts) not in (2, 3, 4) or parts[1] not in STAGES:
-                raise ValueError
-            optional = [int(p) for p in parts[2:]] + [None] * (4 - len(parts))
-            return cls(int(parts[0]), parts[1], *optional)
-        except ValueError:
-            raise ValueError(f"failure spec must be RANK:STAGE[:BLOCK[:SESSION]] with STAGE one of "
-                             f"{', '.join(STAGES)}, got {text!r}") from None
-
-    def __str__(self) -> str:
-        tail = [] if self.block is None and self.session is None else [self.block]
-        tail += [] if self.session is None else [self.session]
-        if None in tail:
-            raise ValueError("a failure spec with a session needs a block too (RANK:STAGE:BLOCK:SESSION)")
-        return ":".join(str(v) for v in (self.rank, self.stage, *tail))
-
-    def check(self, layout: Layout, streams: int | None = None) -> None:
-        """A spec naming a stage its rank never runs would silently never fire: reject it."""
-        if not 0 <= self.rank < layout.world_size:
-            raise ValueError(f"failure spec names rank {self.rank}, world size is {layout.world_size}")
-        if self.stage not in stages_of(layout, self.rank):
-            raise ValueError(f"rank {self.rank} ({layout.role(self.rank)}) runs only "
-                             f"{', '.join(stages_of(layout, self.rank))}, not {self.stage!r}")
-        if streams is not None and self.session is not None and not 0 <= self.session < streams:
-            raise ValueError(f"failure spec names session {self.session}, there are {streams} streams")
-
-    def matches(self, rank: int, stage: str, block: int, session: int = -1) -> bool:
-        return (rank == self.rank and stage == self.stage and self.block in (None, block)
-                and self.session in (None, session))
-
-
-# ---- transport -----------------------------------------------------------------------------------
-
-class _Incoming:
-    """A posted receive; `wait()` returns the filled buffer (on GPU: orders the current stream after it)."""
-
-    def __init__(self, work, buf: torch.Tensor):
-        self.work, self.buf = work, buf
-
-    def wait(self) -> torch.Tensor:
-        self.work.wait()
-        return self.buf
-
-
-class _Transport:
-    """Non-blocking point-to-point sends and receives; sent tensors are kept alive until delivered."""
-
-    def __init__(self, device: torch.device, meta_group):
-        self.device, self.meta = device, meta_group
-        # On GPU the data transfers are issued from their own stream, never from the compute stream.
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._sends: deque = deque()
-
-    def _comm_stream(self):
-        if self.stream is None:
-            return contextlib.nullcontext()
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the tensor must exist first
-        return torch.cuda.stream(self.stream)
-
-    def send(self, tensor: torch.Tensor, dst: int, tag: int, meta: bool = False) -> None:
-        t = tensor.detach().contiguous()
-        if meta:
-            work = dist.isend(t, dst, group=self.meta, tag=tag)
-        else:
-            with self._comm_stream():
-                work = dist.isend(t, dst, tag=tag)
-        self._sends.append((work, t))
-        while self._sends and self._sends[0][0].is_completed():
-            self._sends.popleft()
-
-    def recv(self, shape, dtype: torch.dtype, src: int, tag: int, meta: bool = False) -> _Incoming:
-        if meta:
-            buf = torch.empty(shape, dtype=dtype)
-            return _Incoming(dist.irecv(buf, src, group=self.meta, tag=tag), buf)
-        buf = torch.empty(shape, dtype=dtype, device=self.device)
-        with self._comm_stream():
-            return _Incoming(dist.irecv(buf, src, tag=tag), buf)
-
-    def drain(self) -> None:
-        while self._sends:
-            self._sends.popleft()[0].wait()
 
 
 @dataclass(frozen=True)
@@ -337,45 +216,15 @@ class _Wire:
                    span=frames * cfg.samples_per_video_frame)
 
 
-# ---- one rank's context: stages, tracing, failure injection ------------------------------------------
 
-@dataclass
-class StageEvent:
-    rank: int
-    stage: str
-    session: int
-    block: int
-    step: int
-    start: float  # time.perf_counter(): one monotonic clock for every process on the machine
-    end: float
+# ---- one rank's context: the shared one, plus the sessions that failed ------------------------------
 
-
-class _Rank:
-    def __init__(self, rank: int, layout: Layout, transport: _Transport, fail: FailSpec | None,
+class _Rank(RankContext):
+    def __init__(self, rank: int, layout: Layout, transport: Transport, fail: FailSpec | None,
                  sleeps: dict[str, float] | None, report: Callable[[dict], None] | None = None):
-        self.rank, self.layout, self.transport = rank, layout, transport
-        self.role = layout.role(rank)
-        self.fail, self.sleeps = fail, dict(sleeps or {})
+        super().__init__(rank, layout, transport, fail, sleeps)
         self.report = report or _log_session_error
-        self.events: list[StageEvent] = []
         self.failed: dict[int, Status] = {}  # session -> where it failed (here, or as a peer told us)
-
-    @contextlib.contextmanager
-    def stage(self, name: str, session: int = -1, block: int = -1, step: int = -1, transfer: bool = False):
-        """Names the work inside for errors and the trace; `transfer` marks waits on peers."""
-        start = time.perf_counter()
-        try:
-            if self.fail is not None and self.fail.matches(self.rank, name, block, session):
-                raise InjectedFailure(f"injected failure at {self.fail}")
-            yield
-            if name in self.sleeps:  # test hook: emulate a slow stage without using CPU
-                time.sleep(self.sleeps[name])
-        except StageError:
-            raise
-        except Exception as e:
-            raise StageError(self.rank, self.role, name, session, block, transfer, e) from e
-        if not transfer:
-            self.events.append(StageEvent(self.rank, name, session, block, step, start, time.perf_counter()))
 
     @contextlib.contextmanager
     def isolate(self):
@@ -461,8 +310,8 @@ class _Item:
     session: int
     block: int
     work: BlockWork | None     # None: not denoised here (its session had failed)
-    x0: _Incoming | None       # the last step rank's x0 (None on the last step rank itself)
-    status: _Incoming | None   # ... and the Status that travels with it
+    x0: Incoming | None       # the last step rank's x0 (None on the last step rank itself)
+    status: Incoming | None   # ... and the Status that travels with it
 
 
 class _StepRank:
@@ -483,7 +332,7 @@ class _StepRank:
         # rank 0 only: cancellation hook, blocks issued and the decode rank's statuses still to read
         self.cancel_after = list(cancel_after) if cancel_after is not None else [None] * len(engines)
         self.issued = [0] * len(engines)
-        self.acks: list[deque[_Incoming]] = [deque() for _ in engines]
+        self.acks: list[deque[Incoming]] = [deque() for _ in engines]
 
     # rank 0: blocks come from the audio fronts, round-robin over the streams still running
     def run_front(self, feeds: list[_StreamFeed]) -> None:
@@ -595,7 +444,7 @@ class _StepRank:
             self._denoise_and_pass(h.session, h.block, w)
         self._finish()
 
-    def _follower_work(self, h: Header, audio: _Incoming, noise: _Incoming) -> BlockWork | None:
+    def _follower_work(self, h: Header, audio: Incoming, noise: Incoming) -> BlockWork | None:
         """The block's work, or None when its session has already failed (the inputs are still received)."""
         eng, s = self.engines[h.session], self.sessions[h.session]
         with self.ctx.stage("recv inputs", h.session, h.block, transfer=True):
@@ -785,7 +634,7 @@ def serve_rank(rank: int, job: _Job, device: torch.device, sink: Callable[[int, 
     session that ended early (failed or cancelled)."""
     layout = Layout(job.world_size, _config_of(job.model).sampler.num_steps)
     fail = FailSpec.parse(job.fail_at or os.environ.get(FAIL_ENV))
-    ctx = _Rank(rank, layout, _Transport(device, meta_group), fail, job.stage_sleep_s, report)
+    ctx = _Rank(rank, layout, Transport(device, meta_group), fail, job.stage_sleep_s, report)
     if rank == layout.decode_rank:
         if sink is None:
             raise ValueError("the decode rank needs a sink for its video blocks")
@@ -863,19 +712,6 @@ class _FileSink:
         return out, ends
 
 
-def init_spawned_rank(rank: int, world_size: int, root: str, backend: str, threads: int,
-                      comm_timeout_s: float) -> tuple[torch.device, object]:
-    """Process group of a rank spawned on this machine (a FileStore under `root`): its device (cuda:rank
-    for NCCL, else the CPU) and the gloo meta group. Shared by both families' pipelines."""
-    torch.set_num_threads(threads)
-    device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    store = dist.FileStore(os.path.join(root, "store"), world_size)
-    timeout = timedelta(seconds=comm_timeout_s)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
-    return device, dist.new_group(backend="gloo", timeout=timeout)
-
 
 def _spawned_rank(rank: int, job: _Job, root: str, backend: str) -> None:
     """Entry point of a spawned rank. Errors go to a JSON file for the driver, then the process exits."""
@@ -903,62 +739,18 @@ def _report_error(root: Path, rank: int, job: _Job, e: BaseException) -> None:
         info = {"role": role, "stage": "setup", "session": -1, "block": -1, "transfer": False,
                 "cause": f"{type(e).__name__}: {e}"}
     info.update(rank=rank, time=time.time(), traceback=traceback.format_exc())
-    _write_json(root / f"error{rank}.json", info)
+    write_json(root / f"error{rank}.json", info)
     print(f"[pipeline rank {rank}] {info['stage']}: {info['cause']}", flush=True)
 
 
 def _report_session_error(root: Path, info: dict) -> None:
     """A rank failed one session (the run goes on): the driver reads this back for PipelineRun.errors."""
-    _write_json(root / f"failed_s{info['session']}_r{info['rank']}.json", info)
+    write_json(root / f"failed_s{info['session']}_r{info['rank']}.json", info)
     print(f"[pipeline rank {info['rank']}] session {info['session']} failed in {info['stage']} "
           f"(block {info['block']}): {info['cause']}", flush=True)
 
 
-def _write_json(path: Path, info: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(info))
-    tmp.replace(path)
 
-
-def _error_of(r: dict) -> PipelineError:
-    where = f"stage '{r['stage']}'" + (f" (session {r['session']}, block {r['block']})" if r["block"] >= 0 else "")
-    return PipelineError(f"pipeline rank {r['rank']} ({r['role']}) failed in {where}: {r['cause']}\n"
-                         f"--- rank {r['rank']} traceback ---\n{r['traceback']}",
-                         rank=r["rank"], role=r["role"], stage=r["stage"], session=r["session"], block=r["block"])
-
-
-def _root_cause(root: Path, procs, exit_codes: list[int | None] | None = None) -> PipelineError:
-    """The first failure that is not a peer noticing it (waits on a dead peer fail too, later).
-
-    A rank that died without a report (SIGKILL, the OOM killer, a crash in native code) is that
-    failure: its peers' reports then only say "connection closed". `exit_codes`: the ranks' codes
-    before the driver ended any of them (so a signal the driver sent is not taken for the cause).
-    """
-    codes = [p.exitcode for p in procs] if exit_codes is None else exit_codes
-    silent = [(r, c) for r, c in enumerate(codes) if c not in (None, 0) and not (root / f"error{r}.json").exists()]
-    reports = [json.loads(p.read_text()) for p in sorted(root.glob("error*.json"))]
-    if silent:
-        rank, code = silent[0]
-        then = ""
-        if reports:
-            first = min(reports, key=lambda e: e["time"])
-            then = f"; then rank {first['rank']} failed in stage '{first['stage']}': {first['cause']}"
-        return PipelineError(f"pipeline rank {rank} died without reporting an error: {_exit_reason(code)}{then}",
-                             rank=rank)
-    if reports:
-        return _error_of(min(reports, key=lambda e: (e["transfer"], e["time"])))
-    return PipelineError("pipeline ranks failed without reporting an error", rank=None)
-
-
-def _exit_reason(code: int) -> str:
-    """'killed by signal 9 (SIGKILL)' or 'exit code 3' (multiprocessing gives -N for signal N)."""
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = "unknown signal"
-        return f"killed by signal {-code} ({name})"
-    return f"exit code {code}"
 
 
 def _session_errors(root: Path, layout: Layout, ends: dict[int, dict]) -> dict[int, PipelineError]:
@@ -973,35 +765,18 @@ def _session_errors(root: Path, layout: Layout, ends: dict[int, dict]) -> dict[i
         end = ends.get(session, {})
         told = [r for r in rs if (r["rank"], r["stage"], r["block"]) == (end.get("rank"), end.get("stage"),
                                                                              end.get("block"))]
-        errors[session] = _error_of(min(told or rs, key=lambda r: r["time"]))
+        errors[session] = error_of(min(told or rs, key=lambda r: r["time"]))
     for session, end in ends.items():  # announced as failed, but the failing rank's report is missing
         if end["end"] == "failed" and session not in errors:
-            errors[session] = _error_of({**end, "session": session, "role": layout.role(end["rank"]),
+            errors[session] = error_of({**end, "session": session, "role": layout.role(end["rank"]),
                                          "cause": "(no report from that rank)", "traceback": ""})
     return errors
 
 
-def _stop(procs, grace_s: float) -> list[int | None]:
-    """Give ranks `grace_s` to exit on their own (peers of a failed rank fail fast), then end them.
-    Returns the exit codes the ranks had before any was ended here (None: still running then)."""
-    started = [p for p in procs if p.pid is not None]
-    deadline = time.monotonic() + grace_s
-    for p in started:
-        p.join(max(0.0, deadline - time.monotonic()))
-    codes = [p.exitcode if p.pid is not None else None for p in procs]
-    for p in started:
-        if p.is_alive():
-            p.terminate()
-            p.join(5)
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-    return codes
-
 
 def _check_streams(cfg: EngineConfig, streams: Sequence[StreamSpec]) -> list[StreamSpec]:
-    from .audio import check_chunk
-    from .media import load_image
+    from ...audio import check_chunk
+    from ...media import load_image
 
     if not streams:
         raise ValueError("at least one stream is needed")
@@ -1049,14 +824,14 @@ def run_pipeline_streams(model: str | EngineConfig, world_size: int, streams: Se
     job = _Job(model, world_size, _check_streams(cfg, streams), dtype, ops_backend, weights_seed,
                str(spec) if spec else None, dict(stage_sleep_s or {}), comm_timeout_s, threads_per_rank, quantize)
     root = Path(tempfile.mkdtemp(prefix="pipeline-"))
-    ctx = _process_context(start_method)
+    ctx = process_context(start_method, [__name__])
     procs = [ctx.Process(target=_spawned_rank, args=(r, job, str(root), backend), daemon=True,
                          name=f"pipeline-rank{r}") for r in range(world_size)]
     start = time.perf_counter()
     try:
         for p in procs:
             p.start()
-        _wait(procs, root, start + timeout_s)
+        wait_for(procs, root, start + timeout_s)
         wall = time.perf_counter() - start
         blocks, ends = _FileSink(root).read(len(job.streams))
         trace = [StageEvent(**e) for r in range(world_size) for e in json.loads((root / f"trace{r}.json").read_text())]
@@ -1064,34 +839,9 @@ def run_pipeline_streams(model: str | EngineConfig, world_size: int, streams: Se
         cancelled = {s for s, e in ends.items() if e["end"] == "cancelled" and s not in errors}
         return PipelineRun(blocks, trace, wall, errors, cancelled)
     finally:
-        _stop(procs, 0)
+        stop(procs, 0)
         shutil.rmtree(root, ignore_errors=True)
 
-
-def _process_context(start_method: str):
-    import multiprocessing
-
-    if start_method not in ("forkserver", "spawn"):
-        raise ValueError(f"start_method must be 'forkserver' or 'spawn', got {start_method!r}")
-    ctx = multiprocessing.get_context(start_method)
-    if start_method == "forkserver":
-        # Only imports happen in the server (no torch thread pool or CUDA context exists to be forked).
-        ctx.set_forkserver_preload([__name__])
-    return ctx
-
-
-def _wait(procs, root: Path, deadline: float) -> None:
-    while True:
-        codes = [p.exitcode for p in procs]
-        if all(c == 0 for c in codes):
-            return
-        if any(c not in (None, 0) for c in codes) or any(root.glob("error*.json")):
-            raise _root_cause(root, procs, _stop(procs, grace_s=3.0))
-        if time.perf_counter() > deadline:
-            running = [i for i, p in enumerate(procs) if p.is_alive()]
-            _stop(procs, 0)
-            raise PipelineError(f"pipeline timed out; ranks still running: {running}")
-        time.sleep(0.02)
 
 
 def run_pipeline(model: str | EngineConfig, world_size: int, audio: np.ndarray, image, seed: int = 0,
@@ -1105,7 +855,7 @@ def run_pipeline(model: str | EngineConfig, world_size: int, audio: np.ndarray, 
 
 class _Mp4Sink:
     def __init__(self, cfg: EngineConfig, out: Path, streams: int):
-        from .media import Mp4Writer
+        from ...media import Mp4Writer
 
         paths = [out] if streams == 1 else [out.with_name(f"{out.stem}_s{i}{out.suffix}") for i in range(streams)]
         self.writers = [Mp4Writer(p, cfg.width, cfg.height, cfg.fps, cfg.audio.sample_rate) for p in paths]
@@ -1132,7 +882,7 @@ class _Mp4Sink:
 
 
 def _parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m runtime.pipeline", description=(
+    p = argparse.ArgumentParser(prog="python -m runtime.parallel", description=(
         "Timestep-forcing pipeline: run under torchrun, one process per GPU "
         "(world size 2..num_steps+1; the last rank decodes)."))
     p.add_argument("--model", default="tiny", help="preset name (random weights) or LiveTalk release directory")
@@ -1150,7 +900,7 @@ def _parse_args(argv):
 
 def main(argv: Sequence[str] | None = None) -> None:
     """torchrun entry: every rank runs this; RANK/WORLD_SIZE/LOCAL_RANK come from torchrun."""
-    from .media import read_wav, synth_speech_like, synthetic_face
+    from ...media import read_wav, synth_speech_like, synthetic_face
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = _parse_args(argv)
