@@ -263,7 +263,7 @@ class ForwardBench:
     def _forward(self, k: int, x, audio) -> torch.Tensor:
         s, F = self.stream, self.cfg.block_frames
         read = self.ring.begin_block(k, k * F, F)
-        return self.model.forward_block(x, s.mods[0], audio, s.text_kv, s.cond, first_frame=k * F,
+        return self.model.forward_block(x, s.steps[0].mod, audio, s.text_kv, s.cond, first_frame=k * F,
                                         ref_frame=s.ref_frame(k, 0), history=read)
 
     def warmup(self) -> None:

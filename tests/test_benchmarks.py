@@ -134,7 +134,7 @@ class _SleepyEngine:
         self.config, self.sleep = cfg, sleep
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self.ops = type("FakeOps", (), {"name": "fake"})
-        self.decoder_name = "wan"
+        self.decoder_name, self.mode = "wan", "auto"  # the row is labelled as the default path
 
     def reset(self, image, seed=0):
         self.pushed, self.block = 0, 0

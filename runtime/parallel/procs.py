@@ -5,13 +5,15 @@ import json
 import os
 import signal
 import time
+import traceback
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from .failures import PipelineError, error_of
+from .failures import PipelineError, StageError, error_of
 
 
 def init_spawned_rank(rank: int, world_size: int, root: str, backend: str, threads: int,
@@ -34,6 +36,28 @@ def write_json(path: Path, info: dict) -> None:
     tmp.write_text(json.dumps(info))
     tmp.replace(path)
 
+
+
+def report_rank_error(root: Path, rank: int, e: BaseException, role: Callable[[], str], *,
+                      session: int | None = None, name: str = "pipeline") -> None:
+    """A rank's fatal error as `error{rank}.json` under `root` (what `wait_for` reads back into a
+    PipelineError naming rank, role, stage and block), and one line on stdout. `role()` names the rank
+    for a failure outside any stage (if it fails too: "?"); `session` overrides a StageError's session
+    (a pipeline whose stages name none)."""
+    if isinstance(e, StageError):
+        info = {"role": e.role, "stage": e.stage, "session": e.session if session is None else session,
+                "block": e.block, "transfer": e.transfer, "cause": e.cause}
+    else:
+        try:
+            who = role()
+        except Exception:  # noqa: BLE001 - the report must be written whatever went wrong
+            who = "?"
+        info = {"role": who, "stage": "setup", "session": -1, "block": -1, "transfer": False,
+                "cause": f"{type(e).__name__}: {e}"}
+    info.update(rank=rank, time=time.time(), traceback=traceback.format_exc())
+    write_json(root / f"error{rank}.json", info)
+    where = f" (block {info['block']})" if info["block"] >= 0 else ""
+    print(f"[{name} rank {rank}] {info['stage']}{where}: {info['cause']}", flush=True)
 
 
 def root_cause(root: Path, procs, exit_codes: list[int | None] | None = None) -> PipelineError:

@@ -35,7 +35,6 @@ import os
 import shutil
 import tempfile
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -44,8 +43,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from runtime.parallel.failures import FailSpec, PipelineError, StageError
-from runtime.parallel.procs import init_spawned_rank, process_context, stop, wait_for, write_json
+from runtime.parallel.failures import FailSpec, PipelineError
+from runtime.parallel.procs import init_spawned_rank, process_context, report_rank_error, stop, wait_for
 from runtime.parallel.rank import RankContext, StageEvent
 from runtime.parallel.transport import Transport
 
@@ -162,22 +161,9 @@ def _save_latents(root: Path, counter: int, x: torch.Tensor) -> None:
 
 
 def _report_error(root: Path, rank: int, job: _Job, e: BaseException) -> None:
-    """In the format the shared driver reads back (runtime.parallel.procs.wait_for -> PipelineError naming
-    rank and block)."""
-    if isinstance(e, StageError):
-        # one session per run: session 0 (family 1's stages name sessions, these do not)
-        info = {"role": e.role, "stage": e.stage, "session": 0, "block": e.block, "transfer": e.transfer,
-                "cause": e.cause}
-    else:
-        try:
-            role = TppLayout(job.world_size, job.config.num_steps, getattr(job, "decode", False)).role(rank)
-        except ValueError:
-            role = "?"
-        info = {"role": role, "stage": "setup", "session": -1, "block": -1, "transfer": False,
-                "cause": f"{type(e).__name__}: {e}"}
-    info.update(rank=rank, time=time.time(), traceback=traceback.format_exc())
-    write_json(root / f"error{rank}.json", info)
-    print(f"[tpp rank {rank}] {info['stage']} (block {info['block']}): {info['cause']}", flush=True)
+    """One session per run: a stage failure is reported as session 0's (these stages name none)."""
+    report_rank_error(root, rank, e, lambda: TppLayout(job.world_size, job.config.num_steps,
+                                                       getattr(job, "decode", False)).role(rank), session=0, name="tpp")
 
 
 def _check_inputs(cfg: LiveAvatarConfig, features: Sequence[torch.Tensor], ref_latent: torch.Tensor) -> None:

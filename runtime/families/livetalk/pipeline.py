@@ -59,7 +59,14 @@ import torch.distributed as dist
 from ...config import PRESETS, EngineConfig
 from ...engine import BlockWork, Engine, VideoBlock, check_quantize, frames_uint8
 from ...parallel.failures import FAIL_ENV, STAGE_NAMES, FailSpec, PipelineError, StageError, error_of
-from ...parallel.procs import init_spawned_rank, process_context, stop, wait_for, write_json
+from ...parallel.procs import (
+    init_spawned_rank,
+    process_context,
+    report_rank_error,
+    stop,
+    wait_for,
+    write_json,
+)
 from ...parallel.rank import RankContext, StageEvent
 from ...parallel.transport import Incoming, Transport
 from ...sampler import BlockInputs
@@ -728,19 +735,7 @@ def _spawned_rank(rank: int, job: _Job, root: str, backend: str) -> None:
 
 
 def _report_error(root: Path, rank: int, job: _Job, e: BaseException) -> None:
-    if isinstance(e, StageError):
-        info = {"role": e.role, "stage": e.stage, "session": e.session, "block": e.block, "transfer": e.transfer,
-                "cause": e.cause}
-    else:
-        try:
-            role = Layout(job.world_size, _config_of(job.model).sampler.num_steps).role(rank)
-        except Exception:  # noqa: BLE001
-            role = "?"
-        info = {"role": role, "stage": "setup", "session": -1, "block": -1, "transfer": False,
-                "cause": f"{type(e).__name__}: {e}"}
-    info.update(rank=rank, time=time.time(), traceback=traceback.format_exc())
-    write_json(root / f"error{rank}.json", info)
-    print(f"[pipeline rank {rank}] {info['stage']}: {info['cause']}", flush=True)
+    report_rank_error(root, rank, e, lambda: Layout(job.world_size, _config_of(job.model).sampler.num_steps).role(rank))
 
 
 def _report_session_error(root: Path, info: dict) -> None:
